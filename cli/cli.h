@@ -1,0 +1,15 @@
+/* cli.h: the moerl subcommands. Each takes the arguments after its name (argv[0] is the command name),
+ * handles its own --help, prints errors as one line "moerl CMD: reason" on stderr, and returns the process
+ * exit status: 0 ok, 1 failure, 2 misuse. */
+#ifndef MOERL_CLI_H
+#define MOERL_CLI_H
+
+int cmd_runs(int argc, char **argv);    /* cli/cmd_runs.c: list / show / export the run store */
+int cmd_recipe(int argc, char **argv);  /* cli/cmd_recipe.c: check and print a resolved recipe */
+int cmd_inspect(int argc, char **argv); /* cli/cmd_inspect.c: list a safetensors checkpoint, check a config.json */
+int cmd_check(int argc, char **argv);   /* cli/cmd_check.c: resolve a recipe, validate its model, log the run */
+
+/* Shared helper: returns 1 when argv holds -h or --help. */
+int cli_wants_help(int argc, char **argv);
+
+#endif

@@ -1,0 +1,47 @@
+/* main.c: the moerl binary. A table of subcommands; the only place in moerl that exits. */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "kernels/backend.h"
+
+typedef struct {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *summary;
+} command;
+
+static const command commands[] = {
+    {"check", cmd_check, "resolve a recipe, validate its model config, and record the run in the store"},
+    {"recipe", cmd_recipe, "print the resolved recipe (defaults, --set overrides) or report its errors"},
+    {"inspect", cmd_inspect, "list the tensors of a safetensors checkpoint or validate a config.json"},
+    {"runs", cmd_runs, "list, show and export runs from the run store (runs.db)"},
+};
+
+static void usage(FILE *f) {
+    fprintf(f, "moerl %s: post-training (SFT + GRPO) for DeepSeek-V3-style MoE models\n\n", MOERL_VERSION);
+    fprintf(f, "usage: moerl COMMAND [ARGS...]\n       moerl COMMAND --help\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return 0;
+    }
+    if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version")) {
+        char info[512];
+        backend_describe(info, sizeof info);
+        printf("moerl %s\n%s\n", MOERL_VERSION, info);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (!strcmp(argv[1], commands[i].name)) return commands[i].run(argc - 1, argv + 1);
+    fprintf(stderr, "moerl: unknown command '%s' (try 'moerl --help')\n", argv[1]);
+    return 2;
+}

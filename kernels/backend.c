@@ -1,0 +1,33 @@
+/* backend.c: picking a backend by name. */
+#include "kernels/backend.h"
+
+#include <stdio.h>
+#include <string.h>
+
+int backend_get(const char *name, const backend **out, mr_err *e) {
+    *out = NULL;
+    if (!strcmp(name, "cpu")) {
+        *out = backend_cpu();
+        return MR_OK;
+    }
+    if (!strcmp(name, "cuda")) {
+#ifdef MOERL_HAVE_CUDA
+        *out = backend_cuda(e);
+        return *out ? MR_OK : e->code;
+#else
+        return err_set(e, MR_EDEVICE, "device 'cuda': this moerl was built without the CUDA backend (no nvcc at "
+                                      "build time)");
+#endif
+    }
+    return err_set(e, MR_EINVAL, "device: expected cpu or cuda, got \"%s\"", name);
+}
+
+void backend_describe(char *buf, size_t n) {
+#ifdef MOERL_HAVE_CUDA
+    char cuda[256];
+    backend_cuda_describe(cuda, sizeof cuda);
+    snprintf(buf, n, "backends: cpu (OpenMP + OpenBLAS), cuda (%s)", cuda);
+#else
+    snprintf(buf, n, "backends: cpu (OpenMP + OpenBLAS); cuda not built (no nvcc at build time)");
+#endif
+}

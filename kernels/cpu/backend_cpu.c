@@ -1,0 +1,47 @@
+/* backend_cpu.c: the reference backend's table. Memory is host memory; ops run on OpenMP threads. */
+#include <string.h>
+
+#include "core/mem.h"
+#include "core/rng.h"
+#include "kernels/backend.h"
+
+static void *cpu_alloc(size_t n) { return mem_alloc_aligned(n); }
+static void cpu_free(void *p) { mem_free_aligned(p); }
+
+static int cpu_copy(void *dst, const void *src, size_t n, mr_err *e) {
+    (void)e;
+    memcpy(dst, src, n);
+    return MR_OK;
+}
+
+static int cpu_sync(mr_err *e) {
+    (void)e;
+    return MR_OK;
+}
+
+static int cpu_fill_normal(float *x, size_t n, float mean, float std, uint64_t seed, uint64_t stream, mr_err *e) {
+    (void)e;
+    rng_fill_normal(x, n, mean, std, seed, stream);
+    return MR_OK;
+}
+
+static int cpu_axpy(float *y, const float *x, float a, size_t n, mr_err *e) {
+    (void)e;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++) y[i] += a * x[i];
+    return MR_OK;
+}
+
+static const backend cpu_backend = {
+    .kind = BACKEND_CPU,
+    .name = "cpu",
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .to_device = cpu_copy,
+    .to_host = cpu_copy,
+    .sync = cpu_sync,
+    .fill_normal = cpu_fill_normal,
+    .axpy = cpu_axpy,
+};
+
+const backend *backend_cpu(void) { return &cpu_backend; }

@@ -1,0 +1,123 @@
+// backend_cuda.cu: the CUDA backend's table (same ops as kernels/cpu/backend_cpu.c). Built whenever nvcc is
+// found; at run time it asks for a device and reports plainly when there is none.
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <nccl.h>
+#include <stdio.h>
+
+#include "core/rng.h"
+#include "kernels/backend.h"
+
+// One checking macro per library: records file:line and the library's own error string (STYLE.md "Errors").
+#define CUDA_CHECK(call, e)                                                                                    \
+    do {                                                                                                       \
+        cudaError_t st_ = (call);                                                                              \
+        if (st_ != cudaSuccess)                                                                                \
+            return err_set((e), MR_EDEVICE, "%s:%d: %s: %s", __FILE__, __LINE__, #call, cudaGetErrorString(st_)); \
+    } while (0)
+
+static void *cuda_alloc(size_t n) {
+    void *p = NULL;
+    if (cudaMalloc(&p, n ? n : 1) != cudaSuccess) return NULL;
+    return p;
+}
+
+static void cuda_free(void *p) {
+    if (p) cudaFree(p);
+}
+
+static int cuda_to_device(void *dst, const void *src, size_t n, mr_err *e) {
+    CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice), e);
+    return MR_OK;
+}
+
+static int cuda_to_host(void *dst, const void *src, size_t n, mr_err *e) {
+    CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost), e);
+    return MR_OK;
+}
+
+static int cuda_sync(mr_err *e) {
+    CUDA_CHECK(cudaDeviceSynchronize(), e);
+    return MR_OK;
+}
+
+__global__ static void fill_normal_kernel(float *x, size_t n, float mean, float std, uint64_t seed, uint64_t stream) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] = mean + std * rng_normal_at(seed, stream, i);
+}
+
+static int cuda_fill_normal(float *x, size_t n, float mean, float std, uint64_t seed, uint64_t stream, mr_err *e) {
+    if (n == 0) return MR_OK;
+    size_t blocks = (n + 255) / 256;
+    if (blocks > 65535) blocks = 65535;
+    fill_normal_kernel<<<(unsigned)blocks, 256>>>(x, n, mean, std, seed, stream);
+    CUDA_CHECK(cudaGetLastError(), e);
+    return MR_OK;
+}
+
+__global__ static void axpy_kernel(float *y, const float *x, float a, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] += a * x[i];
+}
+
+static int cuda_axpy(float *y, const float *x, float a, size_t n, mr_err *e) {
+    if (n == 0) return MR_OK;
+    size_t blocks = (n + 255) / 256;
+    if (blocks > 65535) blocks = 65535;
+    axpy_kernel<<<(unsigned)blocks, 256>>>(y, x, a, n);
+    CUDA_CHECK(cudaGetLastError(), e);
+    return MR_OK;
+}
+
+static backend make_cuda_backend() {
+    backend b = {};
+    b.kind = BACKEND_CUDA;
+    b.name = "cuda";
+    b.alloc = cuda_alloc;
+    b.free = cuda_free;
+    b.to_device = cuda_to_device;
+    b.to_host = cuda_to_host;
+    b.sync = cuda_sync;
+    b.fill_normal = cuda_fill_normal;
+    b.axpy = cuda_axpy;
+    return b;
+}
+static const backend cuda_backend = make_cuda_backend();
+
+extern "C" const backend *backend_cuda(mr_err *e) {
+    int count = 0;
+    cudaError_t st = cudaGetDeviceCount(&count);
+    if (st != cudaSuccess) {
+        err_set(e, MR_EDEVICE, "device 'cuda': no usable CUDA device (%s)", cudaGetErrorString(st));
+        return NULL;
+    }
+    if (count == 0) {
+        err_set(e, MR_EDEVICE, "device 'cuda': no CUDA device found");
+        return NULL;
+    }
+    return &cuda_backend;
+}
+
+extern "C" void backend_cuda_describe(char *buf, size_t n) {
+    int rt = 0, count = 0;
+    cudaRuntimeGetVersion(&rt);
+    cudaError_t st = cudaGetDeviceCount(&count);
+    size_t lt = cublasLtGetVersion();
+    int cb_major = 0, cb_minor = 0;
+    cublasGetProperty(MAJOR_VERSION, &cb_major);
+    cublasGetProperty(MINOR_VERSION, &cb_minor);
+    int nccl = 0;
+    ncclGetVersion(&nccl);
+    char dev[400];
+    if (st != cudaSuccess || count == 0) {
+        snprintf(dev, sizeof dev, "no device: %s", st != cudaSuccess ? cudaGetErrorString(st) : "none found");
+    } else {
+        cudaDeviceProp prop;
+        cudaGetDeviceProperties(&prop, 0);
+        snprintf(dev, sizeof dev, "%d device(s), 0: %s sm_%d%d", count, prop.name, prop.major, prop.minor);
+    }
+    snprintf(buf, n, "CUDA runtime %d.%d, cuBLAS %d.%d, cuBLASLt %zu, NCCL %d.%d.%d; %s", rt / 1000,
+             (rt % 1000) / 10, cb_major, cb_minor, lt,
+             nccl / 10000, (nccl / 100) % 100, nccl % 100, dev);
+}
