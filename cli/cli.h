@@ -8,6 +8,10 @@ int cmd_runs(int argc, char **argv);    /* cli/cmd_runs.c: list / show / export 
 int cmd_recipe(int argc, char **argv);  /* cli/cmd_recipe.c: check and print a resolved recipe */
 int cmd_inspect(int argc, char **argv); /* cli/cmd_inspect.c: list a safetensors checkpoint, check a config.json */
 int cmd_check(int argc, char **argv);   /* cli/cmd_check.c: resolve a recipe, validate its model, log the run */
+int cmd_init_model(int argc, char **argv); /* cli/cmd_model.c: a model initialized from scratch */
+int cmd_info(int argc, char **argv);       /* cli/cmd_model.c: parameter counts, KV-cache bytes */
+int cmd_logits(int argc, char **argv);     /* cli/cmd_model.c: logits of a token sequence (checking) */
+int cmd_bench(int argc, char **argv);      /* cli/cmd_bench.c: benchmarks that print figures */
 
 /* Shared helper: returns 1 when argv holds -h or --help. */
 int cli_wants_help(int argc, char **argv);

@@ -16,6 +16,10 @@ static const command commands[] = {
     {"recipe", cmd_recipe, "print the resolved recipe (defaults, --set overrides) or report its errors"},
     {"inspect", cmd_inspect, "list the tensors of a safetensors checkpoint or validate a config.json"},
     {"runs", cmd_runs, "list, show and export runs from the run store (runs.db)"},
+    {"init-model", cmd_init_model, "write a model initialized from scratch (config.json + safetensors)"},
+    {"info", cmd_info, "parameter counts and KV-cache bytes per token of a model or config"},
+    {"logits", cmd_logits, "float32 logits of a token sequence, for checking against other implementations"},
+    {"bench", cmd_bench, "benchmarks (model forward/backward throughput against baselines)"},
 };
 
 static void usage(FILE *f) {

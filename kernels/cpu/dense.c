@@ -1,0 +1,709 @@
+/* dense.c: dense CPU kernels (see dense.h).
+ *
+ * The one idea: every output element is computed by exactly one thread, in an order that is a function of the
+ * reduction length only. Threads partition OUTPUTS (rows, channels, tiles), never a reduction, so results do not
+ * depend on the thread count; and nothing special-cases small T, so a row computed alone equals the same row in a
+ * batch (batch invariance, needed for rollout == trainer log-probs).
+ *
+ * MM_DET forward is a "dot-product" kernel: y[t][o] = x[t]·w[o] with both operands contiguous in `in`, so W needs
+ * no packing (decode, T = 1, streams W once). A 4x4 register tile keeps 16 accumulators of 16 lanes; the 16 lane
+ * sums are finished together by a shuffle network that performs the fixed lane tree of dense.h on 16 elements at
+ * once. MM_DET backward is an "outer-product" kernel (a fused chain over the reduction index per element).
+ * Portable C versions (fmaf) of both compute the same bits; they are the fallback and the tests' cross-check. */
+#pragma GCC optimize("O3", "no-trapping-math")
+
+#include "kernels/cpu/dense.h"
+
+#include <assert.h>
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define DENSE_X86 1
+#else
+#define DENSE_X86 0
+#endif
+
+/* Below this many multiply-adds a kernel runs on the calling thread: a parallel region costs microseconds.
+ * Only speed depends on it, never bits. */
+#define PAR_MIN_WORK 32768
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* References                                                                                                   */
+/* ------------------------------------------------------------------------------------------------------------ */
+
+void matmul_forward_naive(float *y, const float *x, const float *w, int T, int in, int out, float beta) {
+    for (int t = 0; t < T; t++)
+        for (int o = 0; o < out; o++) {
+            float s = 0.0f;
+            for (int i = 0; i < in; i++) s += x[(size_t)t * in + i] * w[(size_t)o * in + i];
+            y[(size_t)t * out + o] = (beta != 0.0f ? y[(size_t)t * out + o] : 0.0f) + s;
+        }
+}
+
+void matmul_backward_naive(float *dx, float *dw, const float *dy, const float *x, const float *w, int T, int in,
+                           int out) {
+    if (dx)
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < in; i++) {
+                float s = 0.0f;
+                for (int o = 0; o < out; o++) s += dy[(size_t)t * out + o] * w[(size_t)o * in + i];
+                dx[(size_t)t * in + i] += s;
+            }
+    if (dw)
+        for (int o = 0; o < out; o++)
+            for (int i = 0; i < in; i++) {
+                float s = 0.0f;
+                for (int t = 0; t < T; t++) s += dy[(size_t)t * out + o] * x[(size_t)t * in + i];
+                dw[(size_t)o * in + i] += s;
+            }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* ISA selection                                                                                                */
+/* ------------------------------------------------------------------------------------------------------------ */
+
+static dense_isa forced_isa = DENSE_ISA_AUTO;
+
+dense_isa dense_force_isa(dense_isa isa) {
+    dense_isa prev = forced_isa;
+    forced_isa = isa;
+    return prev;
+}
+
+static dense_isa isa_supported(void) {
+#if DENSE_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return DENSE_ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return DENSE_ISA_AVX2;
+#endif
+    return DENSE_ISA_GENERIC;
+}
+
+dense_isa dense_active_isa(void) {
+    dense_isa best = isa_supported();
+    if (forced_isa == DENSE_ISA_AUTO || forced_isa > best) return best;
+    return forced_isa;
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* MM_DET forward                                                                                               */
+/* ------------------------------------------------------------------------------------------------------------ */
+
+#define DET_LANES 16
+#define DET_TR 4 /* x rows per register tile */
+#define DET_TO 4 /* w rows per register tile */
+
+/* The fixed lane tree of dense.h. */
+static inline float det_tree(const float *a) {
+    float s8[8], s4[4];
+    for (int l = 0; l < 8; l++) s8[l] = a[l] + a[l + 8];
+    for (int l = 0; l < 4; l++) s4[l] = s8[l] + s8[l + 4];
+    float s2a = s4[0] + s4[2], s2b = s4[1] + s4[3];
+    return s2a + s2b;
+}
+
+/* One output element in the reference order. Inlined into a default-target and an avx2+fma-target wrapper: in the
+ * latter fmaf becomes a vfmadd and the lane loop vectorizes; the bits are those of fmaf either way. */
+static inline __attribute__((always_inline)) void det_block_portable(float *y, const float *x, const float *w, int in,
+                                                                     int out, int beta, int t0, int t1, int o0,
+                                                                     int o1) {
+    for (int t = t0; t < t1; t++) {
+        const float *xt = x + (size_t)t * in;
+        for (int o = o0; o < o1; o++) {
+            const float *wo = w + (size_t)o * in;
+            float acc[DET_LANES] = {0};
+            int i = 0;
+            for (; i + DET_LANES <= in; i += DET_LANES)
+                for (int l = 0; l < DET_LANES; l++) acc[l] = fmaf(xt[i + l], wo[i + l], acc[l]);
+            for (int l = 0; i + l < in; l++) acc[l] = fmaf(xt[i + l], wo[i + l], acc[l]);
+            float s = det_tree(acc);
+            float *yo = y + (size_t)t * out + o;
+            *yo = beta ? *yo + s : s;
+        }
+    }
+}
+
+static void det_block_generic(float *y, const float *x, const float *w, int in, int out, int beta, int t0, int t1,
+                              int o0, int o1) {
+    det_block_portable(y, x, w, in, out, beta, t0, t1, o0, o1);
+}
+
+#if DENSE_X86
+/* AVX2: the 16 lanes are two 8-float halves; a 2x2 tile keeps its 8 half-accumulators in registers, and the lane
+ * tree runs on the stored lanes. */
+__attribute__((target("avx2,fma"))) static void det_block_avx2(float *y, const float *x, const float *w, int in,
+                                                               int out, int beta, int t0, int t1, int o0, int o1) {
+    const int nfull = in / DET_LANES * DET_LANES, rem = in - nfull;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mlo = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), lane);
+    const __m256i mhi = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem - 8), lane);
+    for (int t = t0; t < t1; t += 2) {
+        const int nt = t1 - t < 2 ? t1 - t : 2;
+        const float *x0 = x + (size_t)t * in, *x1 = x + (size_t)(t + nt - 1) * in;
+        for (int o = o0; o < o1; o += 2) {
+            const int no = o1 - o < 2 ? o1 - o : 2;
+            const float *w0 = w + (size_t)o * in, *w1 = w + (size_t)(o + no - 1) * in;
+            __m256 c[8];
+            for (int k = 0; k < 8; k++) c[k] = _mm256_setzero_ps();
+#define DET2_STEP(LOADLO, LOADHI)                                                                                    \
+    do {                                                                                                             \
+        __m256 a0l = LOADLO(x0), a0h = LOADHI(x0), a1l = LOADLO(x1), a1h = LOADHI(x1);                               \
+        __m256 bl = LOADLO(w0), bh = LOADHI(w0);                                                                     \
+        c[0] = _mm256_fmadd_ps(a0l, bl, c[0]), c[1] = _mm256_fmadd_ps(a0h, bh, c[1]);                                \
+        c[2] = _mm256_fmadd_ps(a1l, bl, c[2]), c[3] = _mm256_fmadd_ps(a1h, bh, c[3]);                                \
+        bl = LOADLO(w1), bh = LOADHI(w1);                                                                            \
+        c[4] = _mm256_fmadd_ps(a0l, bl, c[4]), c[5] = _mm256_fmadd_ps(a0h, bh, c[5]);                                \
+        c[6] = _mm256_fmadd_ps(a1l, bl, c[6]), c[7] = _mm256_fmadd_ps(a1h, bh, c[7]);                                \
+    } while (0)
+#define LOADLO_FULL(p) _mm256_loadu_ps((p) + i)
+#define LOADHI_FULL(p) _mm256_loadu_ps((p) + i + 8)
+#define LOADLO_TAIL(p) _mm256_maskload_ps((p) + i, mlo)
+#define LOADHI_TAIL(p) _mm256_maskload_ps((p) + i + 8, mhi)
+            int i = 0;
+            for (; i < nfull; i += DET_LANES) DET2_STEP(LOADLO_FULL, LOADHI_FULL);
+            if (rem) DET2_STEP(LOADLO_TAIL, LOADHI_TAIL);
+#undef LOADLO_FULL
+#undef LOADHI_FULL
+#undef LOADLO_TAIL
+#undef LOADHI_TAIL
+#undef DET2_STEP
+            float lanes[4][DET_LANES];
+            for (int e = 0; e < 4; e++) {
+                _mm256_storeu_ps(lanes[e], c[2 * e]);
+                _mm256_storeu_ps(lanes[e] + 8, c[2 * e + 1]);
+            }
+            for (int b = 0; b < no; b++) /* element (a, b) is lanes[b * 2 + a] */
+                for (int a = 0; a < nt; a++) {
+                    float sum = det_tree(lanes[b * 2 + a]);
+                    float *yo = y + (size_t)(t + a) * out + o + b;
+                    *yo = beta ? *yo + sum : sum;
+                }
+        }
+    }
+}
+
+/* Sums each of 16 vectors' lanes with the tree of dense.h; v[b*4 + a] is tile element (a, b). Returns the 16 sums
+ * with 128-bit chunk a holding row a, lane b holding column b. Each level adds the two halves the tree pairs:
+ * 256-bit halves, then 128-bit halves, then pairs, then neighbours, packing 2x more elements per vector each time. */
+__attribute__((target("avx512f"))) static inline __m512 det_reduce16(const __m512 *v) {
+    __m512 l1[8], l2[4], l3[2];
+    for (int k = 0; k < 8; k++) {
+        __m512 lo = _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 hi = _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2));
+        l1[k] = _mm512_add_ps(lo, hi); /* [s8(2k) | s8(2k+1)] */
+    }
+    for (int k = 0; k < 4; k++) {
+        __m512 lo = _mm512_shuffle_f32x4(l1[2 * k], l1[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0));
+        __m512 hi = _mm512_shuffle_f32x4(l1[2 * k], l1[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1));
+        l2[k] = _mm512_add_ps(lo, hi); /* chunk j = s4(4k + j) */
+    }
+    for (int k = 0; k < 2; k++) {
+        __m512 lo = _mm512_shuffle_ps(l2[2 * k], l2[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 hi = _mm512_shuffle_ps(l2[2 * k], l2[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2));
+        l3[k] = _mm512_add_ps(lo, hi); /* chunk j = [s2(8k+j) x2, s2(8k+4+j) x2] */
+    }
+    __m512 lo = _mm512_shuffle_ps(l3[0], l3[1], _MM_SHUFFLE(2, 0, 2, 0));
+    __m512 hi = _mm512_shuffle_ps(l3[0], l3[1], _MM_SHUFFLE(3, 1, 3, 1));
+    return _mm512_add_ps(lo, hi); /* position 4j + m = element j + 4m */
+}
+
+/* The 4x4 register tile. Rows past t1 / columns past o1 repeat the last valid one and are not stored: every element
+ * is computed the same way wherever it sits. */
+__attribute__((target("avx512f"))) static void det_block_avx512(float *y, const float *x, const float *w, int in,
+                                                                int out, int beta, int t0, int t1, int o0, int o1) {
+    const int nfull = in / DET_LANES * DET_LANES;
+    const __mmask16 tail = (__mmask16)((1u << (in - nfull)) - 1u);
+    for (int t = t0; t < t1; t += DET_TR) {
+        const int nt = t1 - t < DET_TR ? t1 - t : DET_TR;
+        const float *x0 = x + (size_t)t * in;
+        const float *x1 = x + (size_t)(t + (nt > 1 ? 1 : 0)) * in;
+        const float *x2 = x + (size_t)(t + (nt > 2 ? 2 : nt - 1)) * in;
+        const float *x3 = x + (size_t)(t + (nt > 3 ? 3 : nt - 1)) * in;
+        for (int o = o0; o < o1; o += DET_TO) {
+            const int no = o1 - o < DET_TO ? o1 - o : DET_TO;
+            const float *w0 = w + (size_t)o * in;
+            const float *w1 = w + (size_t)(o + (no > 1 ? 1 : 0)) * in;
+            const float *w2 = w + (size_t)(o + (no > 2 ? 2 : no - 1)) * in;
+            const float *w3 = w + (size_t)(o + (no > 3 ? 3 : no - 1)) * in;
+            __m512 c[16];
+            for (int k = 0; k < 16; k++) c[k] = _mm512_setzero_ps();
+#define DET_STEP(LOAD)                                                                                               \
+    do {                                                                                                             \
+        __m512 a0 = LOAD(x0), a1 = LOAD(x1), a2 = LOAD(x2), a3 = LOAD(x3), b;                                         \
+        b = LOAD(w0);                                                                                                \
+        c[0] = _mm512_fmadd_ps(a0, b, c[0]), c[1] = _mm512_fmadd_ps(a1, b, c[1]);                                    \
+        c[2] = _mm512_fmadd_ps(a2, b, c[2]), c[3] = _mm512_fmadd_ps(a3, b, c[3]);                                    \
+        b = LOAD(w1);                                                                                                \
+        c[4] = _mm512_fmadd_ps(a0, b, c[4]), c[5] = _mm512_fmadd_ps(a1, b, c[5]);                                    \
+        c[6] = _mm512_fmadd_ps(a2, b, c[6]), c[7] = _mm512_fmadd_ps(a3, b, c[7]);                                    \
+        b = LOAD(w2);                                                                                                \
+        c[8] = _mm512_fmadd_ps(a0, b, c[8]), c[9] = _mm512_fmadd_ps(a1, b, c[9]);                                    \
+        c[10] = _mm512_fmadd_ps(a2, b, c[10]), c[11] = _mm512_fmadd_ps(a3, b, c[11]);                                \
+        b = LOAD(w3);                                                                                                \
+        c[12] = _mm512_fmadd_ps(a0, b, c[12]), c[13] = _mm512_fmadd_ps(a1, b, c[13]);                                \
+        c[14] = _mm512_fmadd_ps(a2, b, c[14]), c[15] = _mm512_fmadd_ps(a3, b, c[15]);                                \
+    } while (0)
+#define LOAD_FULL(p) _mm512_loadu_ps((p) + i)
+/* Zero lanes add fma(0, 0, acc) = acc exactly (acc is never -0), so the masked step equals the short lane loop. */
+#define LOAD_TAIL(p) _mm512_maskz_loadu_ps(tail, (p) + i)
+            int i = 0;
+            for (; i < nfull; i += DET_LANES) DET_STEP(LOAD_FULL);
+            if (tail) DET_STEP(LOAD_TAIL);
+#undef LOAD_FULL
+#undef LOAD_TAIL
+#undef DET_STEP
+            __m512 r = det_reduce16(c);
+            if (nt == DET_TR && no == DET_TO) {
+                float *yr = y + (size_t)t * out + o;
+                __m128 r0 = _mm512_extractf32x4_ps(r, 0), r1 = _mm512_extractf32x4_ps(r, 1);
+                __m128 r2 = _mm512_extractf32x4_ps(r, 2), r3 = _mm512_extractf32x4_ps(r, 3);
+                if (beta) {
+                    r0 = _mm_add_ps(_mm_loadu_ps(yr), r0);
+                    r1 = _mm_add_ps(_mm_loadu_ps(yr + out), r1);
+                    r2 = _mm_add_ps(_mm_loadu_ps(yr + 2 * (size_t)out), r2);
+                    r3 = _mm_add_ps(_mm_loadu_ps(yr + 3 * (size_t)out), r3);
+                }
+                _mm_storeu_ps(yr, r0);
+                _mm_storeu_ps(yr + out, r1);
+                _mm_storeu_ps(yr + 2 * (size_t)out, r2);
+                _mm_storeu_ps(yr + 3 * (size_t)out, r3);
+            } else {
+                float s[16];
+                _mm512_storeu_ps(s, r);
+                for (int a = 0; a < nt; a++)
+                    for (int b = 0; b < no; b++) {
+                        float *yo = y + (size_t)(t + a) * out + o + b;
+                        *yo = beta ? *yo + s[a * 4 + b] : s[a * 4 + b];
+                    }
+            }
+        }
+    }
+}
+#endif
+
+typedef void (*det_block_fn)(float *y, const float *x, const float *w, int in, int out, int beta, int t0, int t1,
+                             int o0, int o1);
+
+static det_block_fn det_block_for(dense_isa isa) {
+#if DENSE_X86
+    if (isa == DENSE_ISA_AVX512) return det_block_avx512;
+    if (isa == DENSE_ISA_AVX2) return det_block_avx2;
+#else
+    (void)isa;
+#endif
+    return det_block_generic;
+}
+
+/* Jobs are (block of w rows that stays in L2) x (chunk of x rows); the x tile of 4 rows stays in L1 while the
+ * block's w rows stream past it. */
+static void det_forward(float *y, const float *x, const float *w, int T, int in, int out, int beta) {
+    det_block_fn fn = det_block_for(dense_active_isa());
+    int ob = (128 * 1024) / (in > 0 ? in : 1) / DET_TO * DET_TO; /* 512 KB of w */
+    if (ob < DET_TO) ob = DET_TO;
+    if (ob > 256) ob = 256;
+    const int tb = 64;
+    const int nob = (out + ob - 1) / ob, ntb = (T + tb - 1) / tb;
+    const long njobs = (long)nob * ntb;
+    const double work = (double)T * in * out;
+#pragma omp parallel for schedule(static) if (work >= PAR_MIN_WORK && njobs > 1)
+    for (long j = 0; j < njobs; j++) {
+        int o0 = (int)(j / ntb) * ob, t0 = (int)(j % ntb) * tb;
+        int o1 = o0 + ob < out ? o0 + ob : out, t1 = t0 + tb < T ? t0 + tb : T;
+        fn(y, x, w, in, out, beta, t0, t1, o0, o1);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* MM_DET backward: C[m][n] += Σ_k A(m,k) B(k,n), k = 0..K-1 in order, one fused chain from 0 per element.     */
+/* A(m,k) = a[m*sam + k*sak], B(k,n) = b[k*ldb + n], C(m,n) = c[m*ldc + n].                                     */
+/* ------------------------------------------------------------------------------------------------------------ */
+
+#define OP_MR 8  /* rows of C per register tile */
+#define OP_NR 32 /* columns of C per register tile (two 16-lane vectors) */
+
+typedef struct {
+    float *c;
+    const float *a, *b;
+    size_t sam, sak, ldb, ldc;
+    int M, N, K;
+} op_args;
+
+static inline __attribute__((always_inline)) void op_block_portable(const op_args *p, int m0, int m1, int n0,
+                                                                    int n1) {
+    float acc[OP_NR];
+    for (int m = m0; m < m1; m++)
+        for (int n = n0; n < n1; n += OP_NR) {
+            int nn = n1 - n < OP_NR ? n1 - n : OP_NR;
+            for (int j = 0; j < OP_NR; j++) acc[j] = 0.0f;
+            for (int k = 0; k < p->K; k++) {
+                float av = p->a[m * p->sam + k * p->sak];
+                const float *bk = p->b + k * p->ldb + n;
+                for (int j = 0; j < nn; j++) acc[j] = fmaf(av, bk[j], acc[j]);
+            }
+            float *cm = p->c + m * p->ldc + n;
+            for (int j = 0; j < nn; j++) cm[j] += acc[j];
+        }
+}
+
+static void op_block_generic(const op_args *p, int m0, int m1, int n0, int n1) {
+    op_block_portable(p, m0, m1, n0, n1);
+}
+
+#if DENSE_X86
+__attribute__((target("avx2,fma"))) static void op_block_avx2(const op_args *p, int m0, int m1, int n0, int n1) {
+    op_block_portable(p, m0, m1, n0, n1);
+}
+
+/* Packed blocks: A as [m-tile][k][8], B as [n-sub][k][32], both zero-padded, so the register tile reads contiguous
+ * memory whatever the strides (B rows are 4 KB apart for a 1024-wide weight: unpacked, every k is a new page). The
+ * per-element chains run through the k-blocks with their partial sums parked in `acc` (stored and reloaded exactly)
+ * and are added to C at the end: the same bits as op_block_portable. */
+enum { OP_MB = 64, OP_NB = 128, OP_KB = 128 };
+
+/* MV valid rows of the 8-row tile (a constant after inlining: 8, 4, 2 or 1). */
+__attribute__((target("avx512f"), always_inline)) static inline void op_tile_avx512(float *acc, const float *ap,
+                                                                                   const float *bp, int kn, int MV) {
+    __m512 c[2 * OP_MR];
+    for (int r = 0; r < MV; r++) {
+        c[2 * r] = _mm512_loadu_ps(acc + r * OP_NB);
+        c[2 * r + 1] = _mm512_loadu_ps(acc + r * OP_NB + 16);
+    }
+    for (int k = 0; k < kn; k++, ap += OP_MR, bp += OP_NR) {
+        __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
+        for (int r = 0; r < MV; r++) {
+            __m512 av = _mm512_set1_ps(ap[r]);
+            c[2 * r] = _mm512_fmadd_ps(av, b0, c[2 * r]);
+            c[2 * r + 1] = _mm512_fmadd_ps(av, b1, c[2 * r + 1]);
+        }
+    }
+    for (int r = 0; r < MV; r++) {
+        _mm512_storeu_ps(acc + r * OP_NB, c[2 * r]);
+        _mm512_storeu_ps(acc + r * OP_NB + 16, c[2 * r + 1]);
+    }
+}
+
+__attribute__((target("avx512f"))) static void op_block_avx512(const op_args *p, int m0, int m1, int n0, int n1) {
+    float acc[OP_MB * OP_NB], apack[OP_MB * OP_KB], bpack[OP_NB * OP_KB];
+    const int nm = m1 - m0, nn = n1 - n0;
+    assert(nm <= OP_MB && nn <= OP_NB);
+    memset(acc, 0, sizeof acc);
+    for (int k0 = 0; k0 < p->K; k0 += OP_KB) {
+        const int kn = p->K - k0 < OP_KB ? p->K - k0 : OP_KB;
+        for (int mt = 0; mt < nm; mt += OP_MR) /* A(m, k) -> apack[mt/8][k][r] */
+            for (int k = 0; k < kn; k++) {
+                float *dst = apack + (size_t)mt * OP_KB + (size_t)k * OP_MR;
+                const float *src = p->a + (size_t)(k0 + k) * p->sak;
+                for (int r = 0; r < OP_MR; r++) dst[r] = mt + r < nm ? src[(size_t)(m0 + mt + r) * p->sam] : 0.0f;
+            }
+        for (int ns = 0; ns < nn; ns += OP_NR) { /* B(k, n) -> bpack[ns/32][k][j] */
+            const int w = nn - ns < OP_NR ? nn - ns : OP_NR;
+            for (int k = 0; k < kn; k++) {
+                float *dst = bpack + (size_t)ns * OP_KB + (size_t)k * OP_NR;
+                const float *src = p->b + (size_t)(k0 + k) * p->ldb + n0 + ns;
+                memcpy(dst, src, sizeof(float) * (size_t)w);
+                for (int j = w; j < OP_NR; j++) dst[j] = 0.0f;
+            }
+        }
+        for (int ns = 0; ns < nn; ns += OP_NR)
+            for (int mt = 0; mt < nm; mt += OP_MR) {
+                float *ac = acc + (size_t)mt * OP_NB + ns;
+                const float *ap = apack + (size_t)mt * OP_KB, *bp = bpack + (size_t)ns * OP_KB;
+                const int left = nm - mt;
+                /* rows past nm are zero-packed and never leave acc */
+                if (left > 4) op_tile_avx512(ac, ap, bp, kn, 8);
+                else if (left > 2) op_tile_avx512(ac, ap, bp, kn, 4);
+                else if (left == 2) op_tile_avx512(ac, ap, bp, kn, 2);
+                else op_tile_avx512(ac, ap, bp, kn, 1);
+            }
+    }
+    for (int r = 0; r < nm; r++) {
+        float *cr = p->c + (size_t)(m0 + r) * p->ldc + n0;
+        const float *ar = acc + (size_t)r * OP_NB;
+        for (int j = 0; j < nn; j++) cr[j] += ar[j];
+    }
+}
+#endif
+
+typedef void (*op_block_fn)(const op_args *p, int m0, int m1, int n0, int n1);
+
+static op_block_fn op_block_for(dense_isa isa) {
+#if DENSE_X86
+    if (isa == DENSE_ISA_AVX512) return op_block_avx512;
+    if (isa == DENSE_ISA_AVX2) return op_block_avx2;
+#else
+    (void)isa;
+#endif
+    return op_block_generic;
+}
+
+/* Jobs are (panel of 128 columns) x (block of 64 rows); each C element belongs to one job. */
+static void op_run(const op_args *p) {
+    if (p->M == 0 || p->N == 0) return;
+    op_block_fn fn = op_block_for(dense_active_isa());
+    const int nb = 128, mb = 64; /* = OP_NB, OP_MB */
+    const int nnb = (p->N + nb - 1) / nb, nmb = (p->M + mb - 1) / mb;
+    const long njobs = (long)nnb * nmb;
+    const double work = (double)p->M * p->N * p->K;
+#pragma omp parallel for schedule(static) if (work >= PAR_MIN_WORK && njobs > 1)
+    for (long j = 0; j < njobs; j++) {
+        int n0 = (int)(j / nmb) * nb, m0 = (int)(j % nmb) * mb;
+        int n1 = n0 + nb < p->N ? n0 + nb : p->N, m1 = m0 + mb < p->M ? m0 + mb : p->M;
+        fn(p, m0, m1, n0, n1);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* matmul dispatch                                                                                              */
+/* ------------------------------------------------------------------------------------------------------------ */
+
+void matmul_forward(float *y, const float *x, const float *w, int T, int in, int out, float beta, mm_mode mode) {
+    assert(T >= 0 && in >= 0 && out >= 0 && (beta == 0.0f || beta == 1.0f));
+    if (T == 0 || out == 0) return;
+    if (mode == MM_DET) {
+        det_forward(y, x, w, T, in, out, beta != 0.0f);
+        return;
+    }
+    if (in == 0) { /* BLAS rejects lda = 0 */
+        if (beta == 0.0f) memset(y, 0, sizeof(float) * (size_t)T * out);
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, out, in, 1.0f, x, in, w, in, beta, y, out);
+}
+
+void matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w, int T, int in, int out,
+                     mm_mode mode) {
+    assert(T >= 0 && in >= 0 && out >= 0);
+    if (T == 0 || in == 0 || out == 0) return; /* every sum is empty: nothing to add */
+    if (mode == MM_DET) {
+        if (dx) {
+            op_args p = {dx, dy, w, (size_t)out, 1, (size_t)in, (size_t)in, T, in, out};
+            op_run(&p);
+        }
+        if (dw) {
+            op_args p = {dw, dy, x, 1, (size_t)out, (size_t)in, (size_t)in, out, in, T};
+            op_run(&p);
+        }
+        return;
+    }
+    if (dx) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, in, out, 1.0f, dy, out, w, in, 1.0f, dx, in);
+    if (dw) cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, T, 1.0f, dy, out, x, in, 1.0f, dw, in);
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* Row reductions                                                                                               */
+/* ------------------------------------------------------------------------------------------------------------ */
+
+/* Σ a[c]*b[c] over 16 float lanes (lane l takes c ≡ l mod 16) then the fixed tree: depends on n only. */
+static float dot_lanes(const float *a, const float *b, int n) {
+    float acc[DET_LANES] = {0};
+    int c = 0;
+    for (; c + DET_LANES <= n; c += DET_LANES)
+        for (int l = 0; l < DET_LANES; l++) acc[l] += a[c + l] * b[c + l];
+    for (int l = 0; c + l < n; l++) acc[l] += a[c + l] * b[c + l];
+    return det_tree(acc);
+}
+
+void rmsnorm_forward(float *out, float *rstd, const float *x, const float *g, int T, int C, float eps) {
+#pragma omp parallel for schedule(static) if ((double)T * C >= PAR_MIN_WORK && T > 1)
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (size_t)t * C;
+        float *ot = out + (size_t)t * C;
+        float r = 1.0f / sqrtf(dot_lanes(xt, xt, C) / (float)C + eps);
+        if (rstd) rstd[t] = r;
+        for (int c = 0; c < C; c++) ot[c] = g[c] * (xt[c] * r);
+    }
+}
+
+/* dx = r g dout - r³ x (Σ dout g x) / C; dg = Σ_t dout x r. Rows are split among threads for dx, channels for dg. */
+void rmsnorm_backward(float *dx, float *dg, const float *dout, const float *x, const float *g, const float *rstd,
+                      int T, int C) {
+    const int par = (double)T * C >= PAR_MIN_WORK;
+    if (dx) {
+#pragma omp parallel for schedule(static) if (par && T > 1)
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + (size_t)t * C, *dt = dout + (size_t)t * C;
+            float *dxt = dx + (size_t)t * C;
+            float acc[DET_LANES] = {0};
+            int c = 0;
+            for (; c + DET_LANES <= C; c += DET_LANES)
+                for (int l = 0; l < DET_LANES; l++) acc[l] += dt[c + l] * g[c + l] * xt[c + l];
+            for (int l = 0; c + l < C; l++) acc[l] += dt[c + l] * g[c + l] * xt[c + l];
+            float r = rstd[t];
+            float k = r * r * r * det_tree(acc) / (float)C;
+            for (int i = 0; i < C; i++) dxt[i] += r * dt[i] * g[i] - k * xt[i];
+        }
+    }
+    if (dg) {
+        enum { CB = 64 };
+        const int nblk = (C + CB - 1) / CB;
+#pragma omp parallel for schedule(static) if (par && nblk > 1)
+        for (int b = 0; b < nblk; b++) {
+            int c0 = b * CB, n = C - c0 < CB ? C - c0 : CB;
+            float acc[CB] = {0};
+            for (int t = 0; t < T; t++) {
+                const float *xt = x + (size_t)t * C + c0, *dt = dout + (size_t)t * C + c0;
+                float r = rstd[t];
+                for (int j = 0; j < n; j++) acc[j] += dt[j] * xt[j] * r;
+            }
+            for (int j = 0; j < n; j++) dg[c0 + j] += acc[j];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* SwiGLU                                                                                                       */
+/* ------------------------------------------------------------------------------------------------------------ */
+
+void swiglu_forward(float *h, const float *gate, const float *up, int T, int inter) {
+    const long n = (long)T * inter;
+#pragma omp parallel for schedule(static) if (n >= PAR_MIN_WORK)
+    for (long i = 0; i < n; i++) h[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* d silu(z)/dz = s (1 + z (1 - s)), s = sigmoid(z). */
+void swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate, const float *up, int T, int inter) {
+    const long n = (long)T * inter;
+#pragma omp parallel for schedule(static) if (n >= PAR_MIN_WORK)
+    for (long i = 0; i < n; i++) {
+        float z = gate[i], s = 1.0f / (1.0f + expf(-z));
+        dup[i] += dh[i] * (z * s);
+        dgate[i] += dh[i] * up[i] * (s * (1.0f + z * (1.0f - s)));
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* Embedding                                                                                                    */
+/* ------------------------------------------------------------------------------------------------------------ */
+
+void embedding_forward(float *out, const int32_t *ids, const float *table, int T, int C) {
+#pragma omp parallel for schedule(static) if ((double)T * C >= PAR_MIN_WORK && T > 1)
+    for (int t = 0; t < T; t++) {
+        assert(ids[t] >= 0);
+        memcpy(out + (size_t)t * C, table + (size_t)ids[t] * C, sizeof(float) * (size_t)C);
+    }
+}
+
+/* Threads own channel blocks (whole cache lines), so a repeated id is never updated by two threads. */
+void embedding_backward(float *dtable, const float *dout, const int32_t *ids, int T, int C) {
+    enum { CB = 64 };
+    const int nblk = (C + CB - 1) / CB;
+#pragma omp parallel for schedule(static) if ((double)T * C >= PAR_MIN_WORK && nblk > 1)
+    for (int b = 0; b < nblk; b++) {
+        int c0 = b * CB, n = C - c0 < CB ? C - c0 : CB;
+        for (int t = 0; t < T; t++) {
+            assert(ids[t] >= 0);
+            float *dr = dtable + (size_t)ids[t] * C + c0;
+            const float *gr = dout + (size_t)t * C + c0;
+            for (int j = 0; j < n; j++) dr[j] += gr[j];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* Softmax: logsumexp, cross-entropy, log-probs                                                                 */
+/* ------------------------------------------------------------------------------------------------------------ */
+
+/* exp(x) for x <= 0 (what a max-subtracted softmax needs) in plain arithmetic, so the compiler vectorizes it and a
+ * vector lane computes the bits a scalar would (unlike libm's vector exp). Cephes expf: x = n ln2 + r with
+ * |r| <= ln2/2, degree-6 polynomial, 2^n from the exponent bits; max error about 1 ulp. x < -87 gives 0, x > 0 is
+ * taken as 0, NaN stays NaN. */
+static inline float exp_neg(float x) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer, kept in the low bits */
+    float xc = x < -87.0f ? -87.0f : x > 0.0f ? 0.0f : x;
+    float z = xc * 1.44269504088896341f + magic;
+    float n = z - magic;
+    uint32_t zb;
+    memcpy(&zb, &z, sizeof zb);
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    uint32_t sb = (zb - 0x4B400000u + 127u) << 23; /* (n + 127) << 23 = 2^n, n in [-126, 0] from z's low bits */
+    float scale;
+    memcpy(&scale, &sb, sizeof scale);
+    float e = p * scale;
+    e = x < -87.0f ? 0.0f : e;
+    return x != x ? x : e;
+}
+
+float logsumexp_row(const float *x, int V) {
+    assert(V >= 1);
+    float m[DET_LANES];
+    for (int l = 0; l < DET_LANES; l++) m[l] = x[0];
+    int v = 0;
+    for (; v + DET_LANES <= V; v += DET_LANES)
+        for (int l = 0; l < DET_LANES; l++) m[l] = x[v + l] > m[l] ? x[v + l] : m[l];
+    for (int l = 0; v + l < V; l++) m[l] = x[v + l] > m[l] ? x[v + l] : m[l];
+    float mx = m[0];
+    for (int l = 1; l < DET_LANES; l++) mx = m[l] > mx ? m[l] : mx;
+    if (isinf(mx)) return mx; /* all -inf, or some +inf */
+    double acc[DET_LANES] = {0};
+    v = 0;
+    for (; v + DET_LANES <= V; v += DET_LANES)
+        for (int l = 0; l < DET_LANES; l++) acc[l] += (double)exp_neg(x[v + l] - mx);
+    for (int l = 0; v + l < V; l++) acc[l] += (double)exp_neg(x[v + l] - mx);
+    double s8[8], s4[4];
+    for (int l = 0; l < 8; l++) s8[l] = acc[l] + acc[l + 8];
+    for (int l = 0; l < 4; l++) s4[l] = s8[l] + s8[l + 4];
+    double s = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    return (float)((double)mx + log(s));
+}
+
+/* Rows go to threads in chunks whose losses are kept on the stack and summed in row order afterwards: a fixed-order
+ * total without heap scratch. */
+double xent_forward_backward(float *loss, float *dlogits, const float *logits, const int32_t *target,
+                             const float *scale, int T, int V) {
+    enum { CHUNK = 256 };
+    double total = 0.0;
+    for (int t0 = 0; t0 < T; t0 += CHUNK) {
+        const int n = T - t0 < CHUNK ? T - t0 : CHUNK;
+        double rowloss[CHUNK];
+#pragma omp parallel for schedule(static) if ((double)n * V >= PAR_MIN_WORK && n > 1)
+        for (int k = 0; k < n; k++) {
+            const int t = t0 + k, tg = target[t];
+            const float *lt = logits + (size_t)t * V;
+            float *dt = dlogits ? dlogits + (size_t)t * V : NULL;
+            if (tg < 0) {
+                rowloss[k] = 0.0;
+                if (loss) loss[t] = 0.0f;
+                if (dt) memset(dt, 0, sizeof(float) * (size_t)V);
+                continue;
+            }
+            assert(tg < V);
+            const float lse = logsumexp_row(lt, V), ltg = lt[tg];
+            const float l = lse - ltg;
+            rowloss[k] = l;
+            if (loss) loss[t] = l;
+            if (dt) {
+                const float sc = scale ? scale[t] : 1.0f;
+                for (int v = 0; v < V; v++) dt[v] = sc * exp_neg(lt[v] - lse); /* dt may alias lt */
+                dt[tg] = sc * (exp_neg(ltg - lse) - 1.0f);
+            }
+        }
+        for (int k = 0; k < n; k++) total += rowloss[k];
+    }
+    return total;
+}
+
+void logprob_forward(float *lp, const float *logits, const int32_t *ids, int T, int V) {
+#pragma omp parallel for schedule(static) if ((double)T * V >= PAR_MIN_WORK && T > 1)
+    for (int t = 0; t < T; t++) {
+        if (ids[t] < 0) {
+            lp[t] = 0.0f;
+            continue;
+        }
+        assert(ids[t] < V);
+        const float *lt = logits + (size_t)t * V;
+        lp[t] = lt[ids[t]] - logsumexp_row(lt, V);
+    }
+}

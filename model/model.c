@@ -1,0 +1,629 @@
+/* model.c: forward and backward of the whole model (see model.h). Layer order and formulas: MODEL-SPEC §2-§9. */
+#include "model/model.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "core/mem.h"
+#include "kernels/cpu/attention.h"
+
+/* Saved activations of one block (an MLA attention + a dense or MoE FFN), for up to T_max rows. */
+struct layer_act {
+    float *a, *rstd_a;       /* (T, d), (T) input_layernorm output */
+    float *cq, *cqn, *rstd_q; /* (T, r_q) q_a output, normed; (T) — q_lora only */
+    float *q;                /* (T, H, d_qk) after RoPE */
+    float *lat, *cn, *rstd_kv; /* (T, r_kv) latent before / after kv_a_layernorm, (T) */
+    float *kpe;              /* (T, d_rope) shared RoPE key, rotated */
+    float *kvb;              /* (T, H·(d_nope + d_v)) */
+    float *k, *v;            /* (T, H, d_qk), (T, H, d_v) */
+    float *att, *lse;        /* (T, H·d_v), (T, H) */
+    float *xm;               /* (T, d) residual after attention */
+    float *f, *rstd_f;       /* (T, d), (T) post_attention_layernorm output */
+    float *hg, *hu, *h;      /* (T, I) dense FFN */
+    moe_saved moe;           /* MoE FFN */
+    int is_moe, moe_index;
+};
+
+/* One MTP module's extra activations (its block's are in acts[L + k - 1]). */
+struct mtp_act {
+    float *emb, *en, *rstd_e;  /* (T, d) embedding of t_{i+k}, enorm output, (T) */
+    float *hn, *rstd_h;        /* (T, d) hnorm output, (T) */
+    float *cat;                /* (T, 2d) [en ; hn] */
+    float *x0;                 /* (T, d) eh_proj output = block input */
+    float *hk;                 /* (T, d) block output (feeds depth k+1) */
+    float *hkn, *rstd_k;       /* (T, d) shared_head.norm output, (T) */
+    float *logits;             /* (T, V) logits, then their gradient */
+    double loss;
+    int64_t n;
+};
+
+/* ------------------------------------------------------------------------------------------ setup */
+
+typedef struct arena {
+    float *base;
+    size_t off, cap;
+} arena;
+
+static float *take(arena *A, size_t n) {
+    n = (n + 15) & ~(size_t)15; /* 64-byte alignment for every buffer */
+    float *p = A->base ? A->base + A->off : NULL;
+    A->off += n;
+    return p;
+}
+
+/* Sizes (base == NULL) or points every activation buffer. */
+static void carve(model *m, arena *A) {
+    const model_config *c = &m->p.cfg;
+    const size_t T = (size_t)m->T_max, d = (size_t)c->hidden_size, H = (size_t)c->num_attention_heads;
+    const size_t dqk = (size_t)(c->qk_nope_head_dim + c->qk_rope_head_dim), dv = (size_t)c->v_head_dim;
+    const size_t rkv = (size_t)c->kv_lora_rank, dr = (size_t)c->qk_rope_head_dim, rq = (size_t)c->q_lora_rank;
+    const size_t V = (size_t)c->vocab_size, I = (size_t)c->intermediate_size;
+    for (int l = 0; l < m->p.n_layers; l++) {
+        layer_act *a = &m->acts[l];
+        a->a = take(A, T * d);
+        a->rstd_a = take(A, T);
+        if (rq) {
+            a->cq = take(A, T * rq);
+            a->cqn = take(A, T * rq);
+            a->rstd_q = take(A, T);
+        }
+        a->q = take(A, T * H * dqk);
+        a->lat = take(A, T * rkv);
+        a->cn = take(A, T * rkv);
+        a->rstd_kv = take(A, T);
+        a->kpe = take(A, T * dr);
+        a->kvb = take(A, T * H * (dqk - dr + dv));
+        a->k = take(A, T * H * dqk);
+        a->v = take(A, T * H * dv);
+        a->att = take(A, T * H * dv);
+        a->lse = take(A, T * H);
+        a->xm = take(A, T * d);
+        a->f = take(A, T * d);
+        a->rstd_f = take(A, T);
+        if (!m->p.w.layers[l].is_moe) {
+            a->hg = take(A, T * I);
+            a->hu = take(A, T * I);
+            a->h = take(A, T * I);
+        }
+    }
+    for (int k = 0; k < c->num_nextn_predict_layers; k++) {
+        mtp_act *t = &m->mtp[k];
+        t->emb = take(A, T * d);
+        t->en = take(A, T * d);
+        t->rstd_e = take(A, T);
+        t->hn = take(A, T * d);
+        t->rstd_h = take(A, T);
+        t->cat = take(A, T * 2 * d);
+        t->x0 = take(A, T * d);
+        t->hk = take(A, T * d);
+        t->hkn = take(A, T * d);
+        t->rstd_k = take(A, T);
+        t->logits = take(A, T * V);
+    }
+    m->resid = take(A, ((size_t)c->num_hidden_layers + 1) * T * d);
+    m->hfin = take(A, T * d);
+    m->rstd_fin = take(A, T);
+    m->logits = take(A, T * V);
+    /* backward scratch: the largest of the per-block needs, laid out in model_backward */
+    size_t qk = T * H * dqk, kvbw = T * H * (dqk - dr + dv);
+    size_t need = 4 * T * d + 2 * qk + T * H * dv * 2 + kvbw + 2 * T * rkv + T * (rkv + dr) + T * dr + 2 * T * rq +
+                  3 * T * (I > (size_t)c->moe_intermediate_size ? I : (size_t)c->moe_intermediate_size) +
+                  T * 2 * d + T * (size_t)(c->n_routed_experts > 0 ? c->n_routed_experts : 1);
+    m->scratch = take(A, need);
+}
+
+static void point_experts(const float **dst, float *base, int E, size_t stride) {
+    for (int x = 0; x < E; x++) dst[x] = base + (size_t)x * stride;
+}
+
+void model_free(model *m) {
+    if (!m) return;
+    if (m->acts)
+        for (int l = 0; l < m->p.n_layers; l++) moe_saved_free(&m->acts[l].moe);
+    moe_work_free(&m->moe_work);
+    rope_free(&m->rope);
+    mem_free_aligned(m->acts ? (void *)m->acts[0].a : NULL);
+    mem_free(m->acts);
+    mem_free(m->mtp);
+    mem_free(m->ep);
+    mem_free(m->gp);
+    mem_free(m->tgt_k);
+    mem_free(m->seq_len);
+    params_free(&m->p);
+    memset(m, 0, sizeof *m);
+}
+
+int model_init(model *m, model_params *p, const model_opts *opt, int T_max, mr_err *e) {
+    memset(m, 0, sizeof *m);
+    m->p = *p;
+    memset(p, 0, sizeof *p);
+    m->opt = *opt;
+    m->T_max = T_max;
+    const model_config *c = &m->p.cfg;
+    int rc;
+    if (T_max < 1) return err_set(e, MR_EINVAL, "model: T_max must be >= 1, got %d", T_max);
+    if (c->num_nextn_predict_layers > MODEL_MAX_MTP)
+        return err_set(e, MR_ERANGE, "model: num_nextn_predict_layers: expected at most %d, got %d", MODEL_MAX_MTP,
+                       c->num_nextn_predict_layers);
+    rope_yarn y = {0};
+    if (c->rope_scaling.type == CONFIG_ROPE_YARN) {
+        y.enabled = 1;
+        y.factor = c->rope_scaling.factor;
+        y.original_max_pos = c->rope_scaling.original_max_position_embeddings;
+        y.beta_fast = c->rope_scaling.beta_fast;
+        y.beta_slow = c->rope_scaling.beta_slow;
+        y.mscale = c->rope_scaling.mscale;
+        y.mscale_all_dim = c->rope_scaling.mscale_all_dim;
+    }
+    int table = c->max_position_embeddings < 8192 ? c->max_position_embeddings : 8192;
+    rc = rope_yarn_init(&m->rope, c->qk_rope_head_dim, c->rope_theta, y.enabled ? &y : NULL, table, e);
+    if (rc) goto fail;
+    m->scale = (float)config_softmax_scale(c);
+    m->acts = mem_calloc((size_t)m->p.n_layers, sizeof *m->acts);
+    m->mtp = mem_calloc((size_t)(c->num_nextn_predict_layers + 1), sizeof *m->mtp);
+    m->tgt_k = mem_alloc((size_t)T_max * sizeof(int32_t));
+    m->seq_len = mem_alloc((size_t)T_max * sizeof(int));
+    if (!m->acts || !m->mtp || !m->tgt_k || !m->seq_len) goto nomem;
+    if (c->n_routed_experts > 0) {
+        m->moe = (moe_cfg){
+            .d = c->hidden_size, .E = c->n_routed_experts, .K = c->num_experts_per_tok,
+            .I_e = c->moe_intermediate_size, .I_s = c->n_shared_experts * c->moe_intermediate_size,
+            .n_group = c->n_group, .topk_group = c->topk_group,
+            .score = c->scoring_func == CONFIG_SCORING_SIGMOID ? MOE_SCORE_SIGMOID : MOE_SCORE_SOFTMAX,
+            .method = c->topk_method == CONFIG_TOPK_NOAUX_TC ? MOE_TOPK_NOAUX_TC
+                      : c->topk_method == CONFIG_TOPK_GREEDY ? MOE_TOPK_GREEDY
+                                                             : MOE_TOPK_GROUP_LIMITED_GREEDY,
+            .norm_topk_prob = c->norm_topk_prob, .routed_scaling_factor = (float)c->routed_scaling_factor,
+            .mm = opt->mm};
+        if ((rc = moe_cfg_check(&m->moe, e))) goto fail;
+        if ((rc = moe_work_init(&m->moe_work, &m->moe, T_max, e))) goto fail;
+        int n_moe = 0;
+        for (int l = 0; l < m->p.n_layers; l++) n_moe += m->p.w.layers[l].is_moe;
+        size_t E = (size_t)c->n_routed_experts;
+        m->ep = mem_calloc(3 * E * (size_t)(n_moe ? n_moe : 1), sizeof *m->ep);
+        m->gp = mem_calloc(3 * E * (size_t)(n_moe ? n_moe : 1), sizeof *m->gp);
+        if (!m->ep || !m->gp) goto nomem;
+        int mi = 0;
+        size_t Ie = (size_t)c->moe_intermediate_size, d = (size_t)c->hidden_size;
+        for (int l = 0; l < m->p.n_layers; l++) {
+            if (!m->p.w.layers[l].is_moe) continue;
+            m->acts[l].is_moe = 1;
+            m->acts[l].moe_index = mi;
+            const moe_w *w = &m->p.w.layers[l].moe;
+            point_experts(m->ep + (3 * (size_t)mi + 0) * E, w->gate, (int)E, Ie * d);
+            point_experts(m->ep + (3 * (size_t)mi + 1) * E, w->up, (int)E, Ie * d);
+            point_experts(m->ep + (3 * (size_t)mi + 2) * E, w->down, (int)E, Ie * d);
+            if ((rc = moe_saved_init(&m->acts[l].moe, &m->moe, T_max, e))) goto fail;
+            mi++;
+        }
+    }
+    arena A = {0};
+    carve(m, &A);
+    A.cap = A.off;
+    A.base = mem_alloc_aligned(A.cap * sizeof(float));
+    if (!A.base) goto nomem;
+    memset(A.base, 0, A.cap * sizeof(float));
+    A.off = 0;
+    carve(m, &A);
+    return MR_OK;
+nomem:
+    rc = err_set(e, MR_ENOMEM, "model: out of memory for activations (T_max = %d)", T_max);
+fail:
+    model_free(m);
+    return rc;
+}
+
+static moe_params layer_moe_params(const model *m, int l) {
+    const moe_w *w = &m->p.w.layers[l].moe;
+    size_t E = (size_t)m->moe.E, mi = (size_t)m->acts[l].moe_index;
+    return (moe_params){.gate_w = w->router, .gate_bias = w->bias,
+                        .gate_proj = m->ep + (3 * mi + 0) * E, .up_proj = m->ep + (3 * mi + 1) * E,
+                        .down_proj = m->ep + (3 * mi + 2) * E,
+                        .sh_gate = w->shared.gate, .sh_up = w->shared.up, .sh_down = w->shared.down};
+}
+
+/* ------------------------------------------------------------------------------------------ forward */
+
+/* One block: y = x + MLA(norm(x)); y += FFN(norm(y)). x and y (T, d) may not alias. */
+static int block_forward(model *m, int l, float *y, const float *x, const model_batch *b, const int32_t *pos,
+                         int T, mr_err *e) {
+    const model_config *c = &m->p.cfg;
+    const layer_w *w = &m->p.w.layers[l];
+    layer_act *a = &m->acts[l];
+    const int d = c->hidden_size, H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+    const int dqk = dn + dr, dv = c->v_head_dim, rkv = c->kv_lora_rank, rq = c->q_lora_rank;
+    const mm_mode mm = m->opt.mm;
+    const float eps = (float)c->rms_norm_eps;
+    float *kv = m->scratch; /* (T, r_kv + d_rope) */
+
+    rmsnorm_forward(a->a, a->rstd_a, x, w->attn_norm, T, d, eps);
+    if (rq) { /* §5.2 */
+        matmul_forward(a->cq, a->a, w->attn.q_a, T, d, rq, 0, mm);
+        rmsnorm_forward(a->cqn, a->rstd_q, a->cq, w->attn.q_a_norm, T, rq, eps);
+        matmul_forward(a->q, a->cqn, w->attn.q_b, T, rq, H * dqk, 0, mm);
+    } else {
+        matmul_forward(a->q, a->a, w->attn.q, T, d, H * dqk, 0, mm);
+    }
+    rope_forward(a->q + dn, pos, T, H, H * dqk, dqk, &m->rope);
+    /* §5.3: latent and shared RoPE key; only the latent is normalized */
+    matmul_forward(kv, a->a, w->attn.kv_a, T, d, rkv + dr, 0, mm);
+    for (int t = 0; t < T; t++) {
+        memcpy(a->lat + (size_t)t * rkv, kv + (size_t)t * (rkv + dr), sizeof(float) * rkv);
+        memcpy(a->kpe + (size_t)t * dr, kv + (size_t)t * (rkv + dr) + rkv, sizeof(float) * dr);
+    }
+    rmsnorm_forward(a->cn, a->rstd_kv, a->lat, w->attn.kv_a_norm, T, rkv, eps);
+    rope_forward(a->kpe, pos, T, 1, dr, dr, &m->rope);
+    matmul_forward(a->kvb, a->cn, w->attn.kv_b, T, rkv, H * (dn + dv), 0, mm);
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < H; h++) {
+            const float *src = a->kvb + ((size_t)t * H + h) * (dn + dv);
+            float *kk = a->k + ((size_t)t * H + h) * dqk;
+            memcpy(kk, src, sizeof(float) * dn);
+            memcpy(kk + dn, a->kpe + (size_t)t * dr, sizeof(float) * dr);
+            memcpy(a->v + ((size_t)t * H + h) * dv, src + dn, sizeof(float) * dv);
+        }
+    attention_forward(a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H, dqk, dv, m->scale);
+    memcpy(a->xm, x, sizeof(float) * (size_t)T * d);
+    matmul_forward(a->xm, a->att, w->attn.o, T, H * dv, d, 1.0f, mm);
+
+    rmsnorm_forward(a->f, a->rstd_f, a->xm, w->ffn_norm, T, d, eps);
+    memcpy(y, a->xm, sizeof(float) * (size_t)T * d);
+    if (w->is_moe) {
+        moe_params mp = layer_moe_params(m, l);
+        float *tmp = m->scratch;
+        const int32_t *replay = b->replay ? b->replay[l] : NULL;
+        int rc = moe_forward(tmp, &a->moe, &m->moe_work, a->f, replay, &mp, &m->moe, T, e);
+        if (rc) return err_prefix(e, "layer %d", l);
+        size_t n = (size_t)T * d;
+        for (size_t i = 0; i < n; i++) y[i] += tmp[i];
+    } else {
+        const int I = c->intermediate_size;
+        matmul_forward(a->hg, a->f, w->mlp.gate, T, d, I, 0, mm);
+        matmul_forward(a->hu, a->f, w->mlp.up, T, d, I, 0, mm);
+        swiglu_forward(a->h, a->hg, a->hu, T, I);
+        matmul_forward(y, a->h, w->mlp.down, T, I, d, 1.0f, mm);
+    }
+    return MR_OK;
+}
+
+/* Mean CE over rows with a target; with grad, logits become scale/n · (softmax − onehot). */
+static double head_loss(float *logits, const int32_t *tgt, int T, int V, float weight, int grad, int64_t *n_out) {
+    int64_t n = 0;
+    for (int t = 0; t < T; t++) n += tgt[t] >= 0;
+    *n_out = n;
+    if (n == 0) {
+        if (grad) memset(logits, 0, sizeof(float) * (size_t)T * V);
+        return 0.0;
+    }
+    float *sc = NULL;
+    double sum;
+    if (grad) {
+        /* one scale for every row: weight / n */
+        sc = mem_alloc(sizeof(float) * (size_t)T);
+        for (int t = 0; t < T; t++) sc[t] = weight / (float)n;
+    }
+    sum = xent_forward_backward(NULL, grad ? logits : NULL, logits, tgt, sc, T, V);
+    mem_free(sc);
+    return sum / (double)n;
+}
+
+int model_forward(model *m, const model_batch *b, int train, model_loss *loss, mr_err *e) {
+    const model_config *c = &m->p.cfg;
+    const int T = b->T, d = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
+    const float eps = (float)c->rms_norm_eps;
+    int rc;
+    if (T < 1 || T > m->T_max) return err_set(e, MR_ERANGE, "model: batch of %d tokens, expected 1..%d", T, m->T_max);
+    for (int t = 0; t < T; t++)
+        if (b->ids[t] < 0 || b->ids[t] >= V)
+            return err_set(e, MR_ERANGE, "model: token %d at row %d is outside the vocabulary [0, %d)", b->ids[t], t, V);
+    if (train && !b->targets) return err_set(e, MR_EINVAL, "model: a training forward needs targets");
+    int32_t *pos_default = NULL;
+    const int32_t *pos = b->pos;
+    if (!pos) {
+        pos_default = mem_alloc(sizeof(int32_t) * (size_t)T);
+        if (!pos_default) return err_set(e, MR_ENOMEM, "model: out of memory");
+        for (int t = 0; t < T; t++) pos_default[t] = t;
+        pos = pos_default;
+    }
+    m->T = T;
+    m->trained = 0;
+    model_loss ls;
+    memset(&ls, 0, sizeof ls);
+
+    embedding_forward(m->resid, b->ids, m->p.w.embed, T, d);
+    for (int l = 0; l < L; l++) {
+        rc = block_forward(m, l, m->resid + (size_t)(l + 1) * T * d, m->resid + (size_t)l * T * d, b, pos, T, e);
+        if (rc) goto done;
+    }
+    rmsnorm_forward(m->hfin, m->rstd_fin, m->resid + (size_t)L * T * d, m->p.w.final_norm, T, d, eps);
+    matmul_forward(m->logits, m->hfin, m->p.w.head, T, d, V, 0, m->opt.mm);
+
+    if (b->targets) {
+        ls.main = head_loss(m->logits, b->targets, T, V, 1.0f, train, &ls.n_main);
+        ls.total = ls.main;
+        /* §9.2 balance loss over the documents of the batch, main-model MoE layers */
+        m->n_seq = 0;
+        for (int t = 0; t < T; t++) {
+            int start = b->doc_start ? b->doc_start[t] : 0;
+            if (start == t) m->seq_len[m->n_seq++] = 0;
+            if (m->n_seq == 0) m->seq_len[m->n_seq++] = 0; /* malformed doc_start: treat as one document */
+            m->seq_len[m->n_seq - 1]++;
+        }
+        if (m->opt.balance_alpha > 0)
+            for (int l = 0; l < L; l++) {
+                if (!m->acts[l].is_moe) continue;
+                double lb;
+                const moe_saved *s = &m->acts[l].moe;
+                rc = moe_balance_loss(&lb, NULL, s->scores, s->idx, m->seq_len, m->n_seq, T, m->moe.E, m->moe.K,
+                                      m->opt.balance_alpha, e);
+                if (rc) goto done;
+                ls.balance += lb;
+            }
+        ls.total += ls.balance;
+    }
+
+    /* MTP modules (§9.4): depth k reads depth k-1's block output (k = 1: the final-normed main hidden state) */
+    int D = c->num_nextn_predict_layers;
+    if (train && m->opt.mtp_weight <= 0) D = 0;
+    for (int k = 1; k <= D && T - k >= 1; k++) {
+        mtp_act *t = &m->mtp[k - 1];
+        const int Tk = T - k, l = L + k - 1;
+        const layer_w *w = &m->p.w.layers[l];
+        const float *hprev = k == 1 ? m->hfin : m->mtp[k - 2].hk;
+        embedding_forward(t->emb, b->ids + k, m->p.w.embed, Tk, d);
+        rmsnorm_forward(t->en, t->rstd_e, t->emb, w->enorm, Tk, d, eps);
+        rmsnorm_forward(t->hn, t->rstd_h, hprev, w->hnorm, Tk, d, eps);
+        for (int i = 0; i < Tk; i++) { /* embedding first (§9.4) */
+            memcpy(t->cat + (size_t)i * 2 * d, t->en + (size_t)i * d, sizeof(float) * d);
+            memcpy(t->cat + (size_t)i * 2 * d + d, t->hn + (size_t)i * d, sizeof(float) * d);
+        }
+        matmul_forward(t->x0, t->cat, w->eh_proj, Tk, 2 * d, d, 0, m->opt.mm);
+        rc = block_forward(m, l, t->hk, t->x0, b, pos, Tk, e);
+        if (rc) goto done;
+        rmsnorm_forward(t->hkn, t->rstd_k, t->hk, w->head_norm, Tk, d, eps);
+        matmul_forward(t->logits, t->hkn, m->p.w.head, Tk, d, V, 0, m->opt.mm);
+        if (b->targets) {
+            /* row i predicts t_{i+k+1} = targets[i+k], inside one document only */
+            for (int i = 0; i < Tk; i++) {
+                int same = !b->doc_start || b->doc_start[i + k] == b->doc_start[i];
+                m->tgt_k[i] = same ? b->targets[i + k] : -1;
+            }
+            float wk = m->opt.mtp_weight / (float)c->num_nextn_predict_layers;
+            ls.mtp[k - 1] = head_loss(t->logits, m->tgt_k, Tk, V, wk, train, &ls.n_mtp[k - 1]);
+            ls.total += wk * ls.mtp[k - 1];
+        }
+    }
+    m->trained = train;
+    rc = MR_OK;
+done:
+    mem_free(pos_default);
+    if (loss) *loss = ls;
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ backward */
+
+typedef struct bwd_buf {
+    float *da, *df, *dtmp, *dhfin;             /* (T, d) */
+    float *dq, *dk;                            /* (T, H, d_qk) */
+    float *dv, *datt;                          /* (T, H, d_v) */
+    float *dkvb;                               /* (T, H·(d_nope + d_v)) */
+    float *dlat, *dcn;                         /* (T, r_kv) */
+    float *dkv;                                /* (T, r_kv + d_rope) */
+    float *dkpe;                               /* (T, d_rope) */
+    float *dcq, *dcqn;                         /* (T, r_q) */
+    float *dh1, *dh2, *dh3;                    /* (T, max(I, I_e)) */
+    float *dcat;                               /* (T, 2d) */
+    float *daff;                               /* (T, E) */
+} bwd_buf;
+
+static void bwd_carve(model *m, bwd_buf *B) {
+    const model_config *c = &m->p.cfg;
+    const size_t T = (size_t)m->T_max, d = (size_t)c->hidden_size, H = (size_t)c->num_attention_heads;
+    const size_t dqk = (size_t)(c->qk_nope_head_dim + c->qk_rope_head_dim), dv = (size_t)c->v_head_dim;
+    const size_t rkv = (size_t)c->kv_lora_rank, dr = (size_t)c->qk_rope_head_dim, rq = (size_t)c->q_lora_rank;
+    const size_t I = (size_t)(c->intermediate_size > c->moe_intermediate_size ? c->intermediate_size
+                                                                               : c->moe_intermediate_size);
+    float *p = m->scratch;
+#define NEXT(n) (p += (n), p - (n))
+    B->da = NEXT(T * d);
+    B->df = NEXT(T * d);
+    B->dtmp = NEXT(T * d);
+    B->dhfin = NEXT(T * d);
+    B->dq = NEXT(T * H * dqk);
+    B->dk = NEXT(T * H * dqk);
+    B->dv = NEXT(T * H * dv);
+    B->datt = NEXT(T * H * dv);
+    B->dkvb = NEXT(T * H * (dqk - dr + dv));
+    B->dlat = NEXT(T * rkv);
+    B->dcn = NEXT(T * rkv);
+    B->dkv = NEXT(T * (rkv + dr));
+    B->dkpe = NEXT(T * dr);
+    B->dcq = NEXT(T * rq);
+    B->dcqn = NEXT(T * rq);
+    B->dh1 = NEXT(T * I);
+    B->dh2 = NEXT(T * I);
+    B->dh3 = NEXT(T * I);
+    B->dcat = NEXT(T * 2 * d);
+    B->daff = NEXT(T * (size_t)(c->n_routed_experts > 0 ? c->n_routed_experts : 1));
+#undef NEXT
+}
+
+static void zero(float *p, size_t n) { memset(p, 0, n * sizeof(float)); }
+
+/* dres holds dL/dy on entry and dL/dx on exit. x is the block input of the forward. daff: extra gradient
+ * into the router affinities (balance loss) or NULL. */
+static void block_backward(model *m, int l, float *dres, const float *x, const int32_t *pos, const model_batch *b,
+                           int T, bwd_buf *B, const float *daff) {
+    const model_config *c = &m->p.cfg;
+    const layer_w *w = &m->p.w.layers[l];
+    layer_w *g = &m->p.g.layers[l];
+    layer_act *a = &m->acts[l];
+    const int d = c->hidden_size, H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+    const int dqk = dn + dr, dv = c->v_head_dim, rkv = c->kv_lora_rank, rq = c->q_lora_rank;
+    const mm_mode mm = m->opt.mm;
+    const size_t Td = (size_t)T * d;
+
+    /* FFN: y = xm + FFN(f) */
+    zero(B->df, Td);
+    if (w->is_moe) {
+        moe_params mp = layer_moe_params(m, l);
+        size_t E = (size_t)m->moe.E, mi = (size_t)a->moe_index;
+        moe_grads mg = {.gate_w = g->moe.router,
+                        .gate_proj = m->gp + (3 * mi + 0) * E, .up_proj = m->gp + (3 * mi + 1) * E,
+                        .down_proj = m->gp + (3 * mi + 2) * E,
+                        .sh_gate = g->moe.shared.gate, .sh_up = g->moe.shared.up, .sh_down = g->moe.shared.down};
+        moe_backward(B->df, &mg, &m->moe_work, dres, daff, &a->moe, a->f, &mp, &m->moe);
+    } else {
+        const int I = c->intermediate_size;
+        const size_t TI = (size_t)T * I;
+        zero(B->dh1, TI);
+        matmul_backward(B->dh1, g->mlp.down, dres, a->h, w->mlp.down, T, I, d, mm);
+        zero(B->dh2, TI);
+        zero(B->dh3, TI);
+        swiglu_backward(B->dh2, B->dh3, B->dh1, a->hg, a->hu, T, I);
+        matmul_backward(B->df, g->mlp.gate, B->dh2, a->f, w->mlp.gate, T, d, I, mm);
+        matmul_backward(B->df, g->mlp.up, B->dh3, a->f, w->mlp.up, T, d, I, mm);
+    }
+    rmsnorm_backward(dres, g->ffn_norm, B->df, a->xm, w->ffn_norm, a->rstd_f, T, d); /* dres = dL/dxm */
+
+    /* attention: xm = x + o_proj(att) */
+    zero(B->datt, (size_t)T * H * dv);
+    matmul_backward(B->datt, g->attn.o, dres, a->att, w->attn.o, T, H * dv, d, mm);
+    zero(B->dq, (size_t)T * H * dqk);
+    zero(B->dk, (size_t)T * H * dqk);
+    zero(B->dv, (size_t)T * H * dv);
+    attention_backward(B->dq, B->dk, B->dv, B->datt, a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H, dqk, dv,
+                       m->scale);
+    /* k = [k_nope(kvb) ; k_pe shared by every head], v from kvb */
+    zero(B->dkpe, (size_t)T * dr);
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < H; h++) {
+            float *dst = B->dkvb + ((size_t)t * H + h) * (dn + dv);
+            const float *dkk = B->dk + ((size_t)t * H + h) * dqk;
+            memcpy(dst, dkk, sizeof(float) * dn);
+            memcpy(dst + dn, B->dv + ((size_t)t * H + h) * dv, sizeof(float) * dv);
+            float *kp = B->dkpe + (size_t)t * dr;
+            for (int j = 0; j < dr; j++) kp[j] += dkk[dn + j];
+        }
+    zero(B->dcn, (size_t)T * rkv);
+    matmul_backward(B->dcn, g->attn.kv_b, B->dkvb, a->cn, w->attn.kv_b, T, rkv, H * (dn + dv), mm);
+    rope_backward(B->dkpe, pos, T, 1, dr, dr, &m->rope);
+    zero(B->dlat, (size_t)T * rkv);
+    rmsnorm_backward(B->dlat, g->attn.kv_a_norm, B->dcn, a->lat, w->attn.kv_a_norm, a->rstd_kv, T, rkv);
+    for (int t = 0; t < T; t++) {
+        memcpy(B->dkv + (size_t)t * (rkv + dr), B->dlat + (size_t)t * rkv, sizeof(float) * rkv);
+        memcpy(B->dkv + (size_t)t * (rkv + dr) + rkv, B->dkpe + (size_t)t * dr, sizeof(float) * dr);
+    }
+    zero(B->da, Td);
+    matmul_backward(B->da, g->attn.kv_a, B->dkv, a->a, w->attn.kv_a, T, d, rkv + dr, mm);
+    rope_backward(B->dq + dn, pos, T, H, H * dqk, dqk, &m->rope);
+    if (rq) {
+        zero(B->dcqn, (size_t)T * rq);
+        matmul_backward(B->dcqn, g->attn.q_b, B->dq, a->cqn, w->attn.q_b, T, rq, H * dqk, mm);
+        zero(B->dcq, (size_t)T * rq);
+        rmsnorm_backward(B->dcq, g->attn.q_a_norm, B->dcqn, a->cq, w->attn.q_a_norm, a->rstd_q, T, rq);
+        matmul_backward(B->da, g->attn.q_a, B->dcq, a->a, w->attn.q_a, T, d, rq, mm);
+    } else {
+        matmul_backward(B->da, g->attn.q, B->dq, a->a, w->attn.q, T, d, H * dqk, mm);
+    }
+    rmsnorm_backward(dres, g->attn_norm, B->da, x, w->attn_norm, a->rstd_a, T, d); /* dres = dL/dx */
+}
+
+int model_backward(model *m, const model_batch *b, mr_err *e) {
+    const model_config *c = &m->p.cfg;
+    const int T = m->T, d = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
+    if (!m->trained || b->T != T) return err_set(e, MR_EINVAL, "model: backward needs a training forward of the same batch");
+    int rc = params_alloc_grad(&m->p, e);
+    if (rc) return rc;
+    if (c->n_routed_experts > 0) { /* gradient views of the experts (stable once allocated) */
+        size_t E = (size_t)c->n_routed_experts, Ie = (size_t)c->moe_intermediate_size;
+        for (int l = 0; l < m->p.n_layers; l++) {
+            if (!m->acts[l].is_moe) continue;
+            size_t mi = (size_t)m->acts[l].moe_index;
+            const moe_w *g = &m->p.g.layers[l].moe;
+            for (size_t x = 0; x < E; x++) {
+                m->gp[(3 * mi + 0) * E + x] = g->gate + x * Ie * (size_t)d;
+                m->gp[(3 * mi + 1) * E + x] = g->up + x * Ie * (size_t)d;
+                m->gp[(3 * mi + 2) * E + x] = g->down + x * Ie * (size_t)d;
+            }
+        }
+    }
+    int32_t *pos_default = NULL;
+    const int32_t *pos = b->pos;
+    if (!pos) {
+        pos_default = mem_alloc(sizeof(int32_t) * (size_t)T);
+        if (!pos_default) return err_set(e, MR_ENOMEM, "model: out of memory");
+        for (int t = 0; t < T; t++) pos_default[t] = t;
+        pos = pos_default;
+    }
+    bwd_buf B;
+    bwd_carve(m, &B);
+    float *dres = B.dtmp; /* the residual stream's gradient, (T, d) */
+    zero(B.dhfin, (size_t)T * d);
+    matmul_backward(B.dhfin, m->p.g.head, m->logits, m->hfin, m->p.w.head, T, d, V, m->opt.mm);
+
+    /* MTP modules, deepest first; module k's block output gradient also receives depth k+1's hnorm gradient */
+    int D = c->num_nextn_predict_layers;
+    if (m->opt.mtp_weight <= 0) D = 0;
+    if (D > T - 1) D = T - 1;
+    float *dnext = NULL; /* gradient into module k's output hk from module k+1 */
+    for (int k = D; k >= 1; k--) {
+        mtp_act *t = &m->mtp[k - 1];
+        const int Tk = T - k, l = L + k - 1;
+        const layer_w *w = &m->p.w.layers[l];
+        layer_w *g = &m->p.g.layers[l];
+        /* dres = d/d hk */
+        zero(dres, (size_t)T * d);
+        zero(B.df, (size_t)T * d);
+        matmul_backward(B.df, m->p.g.head, t->logits, t->hkn, m->p.w.head, Tk, d, V, m->opt.mm);
+        rmsnorm_backward(dres, g->head_norm, B.df, t->hk, w->head_norm, t->rstd_k, Tk, d);
+        if (dnext)
+            for (size_t i = 0; i < (size_t)Tk * d; i++) dres[i] += dnext[i];
+        block_backward(m, l, dres, t->x0, pos, b, Tk, &B, NULL); /* dres = d/d x0 */
+        float *dcatb = B.dcat; /* (Tk, 2d) */
+        zero(dcatb, (size_t)Tk * 2 * d);
+        matmul_backward(dcatb, g->eh_proj, dres, t->cat, w->eh_proj, Tk, 2 * d, d, m->opt.mm);
+        /* split: [den ; dhn] */
+        float *den = B.df, *dhn = B.da;
+        for (int i = 0; i < Tk; i++) {
+            memcpy(den + (size_t)i * d, dcatb + (size_t)i * 2 * d, sizeof(float) * d);
+            memcpy(dhn + (size_t)i * d, dcatb + (size_t)i * 2 * d + d, sizeof(float) * d);
+        }
+        zero(dres, (size_t)Tk * d);
+        rmsnorm_backward(dres, g->enorm, den, t->emb, w->enorm, t->rstd_e, Tk, d);
+        embedding_backward(m->p.g.embed, dres, b->ids + k, Tk, d);
+        const float *hprev = k == 1 ? m->hfin : m->mtp[k - 2].hk;
+        float *dprev = k == 1 ? B.dhfin : m->mtp[k - 1].emb; /* emb of module k is dead now: reuse as d hk_{k-1} */
+        if (k > 1) zero(dprev, (size_t)(T - k + 1) * d);
+        rmsnorm_backward(dprev, g->hnorm, dhn, hprev, w->hnorm, t->rstd_h, Tk, d);
+        dnext = k > 1 ? dprev : NULL;
+    }
+
+    /* main model */
+    zero(dres, (size_t)T * d);
+    rmsnorm_backward(dres, m->p.g.final_norm, B.dhfin, m->resid + (size_t)L * T * d, m->p.w.final_norm, m->rstd_fin,
+                     T, d);
+    for (int l = L - 1; l >= 0; l--) {
+        const float *daff = NULL;
+        if (m->acts[l].is_moe && m->opt.balance_alpha > 0) {
+            const moe_saved *s = &m->acts[l].moe;
+            double lb;
+            zero(B.daff, (size_t)T * m->moe.E);
+            rc = moe_balance_loss(&lb, B.daff, s->scores, s->idx, m->seq_len, m->n_seq, T, m->moe.E, m->moe.K,
+                                  m->opt.balance_alpha, e);
+            if (rc) goto done;
+            daff = B.daff;
+        }
+        block_backward(m, l, dres, m->resid + (size_t)l * T * d, pos, b, T, &B, daff);
+    }
+    embedding_backward(m->p.g.embed, dres, b->ids, T, d);
+    rc = MR_OK;
+done:
+    mem_free(pos_default);
+    return rc;
+}
+
+const float *model_logits(const model *m) { return m->logits; }
+const float *model_mtp_logits(const model *m, int k) { return m->mtp[k - 1].logits; }
+const int64_t *model_layer_load(const model *m, int l) { return m->acts[l].is_moe ? m->acts[l].moe.load : NULL; }
