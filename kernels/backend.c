@@ -31,3 +31,10 @@ void backend_describe(char *buf, size_t n) {
     snprintf(buf, n, "backends: cpu (OpenMP + OpenBLAS); cuda not built (no nvcc at build time)");
 #endif
 }
+
+int backend_has_model_ops(const backend *b) {
+    return b->matmul_forward && b->matmul_backward && b->rmsnorm_forward && b->rmsnorm_backward &&
+           b->swiglu_forward && b->swiglu_backward && b->embedding_forward && b->embedding_backward &&
+           b->xent_forward_backward && b->rope_forward && b->rope_backward && b->attention_forward &&
+           b->attention_backward && b->moe_forward && b->moe_backward && b->moe_balance_loss;
+}

@@ -9,6 +9,9 @@
 #include <stdint.h>
 
 #include "core/err.h"
+#include "kernels/cpu/dense.h"
+#include "kernels/cpu/moe.h"
+#include "kernels/cpu/rope.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -29,7 +32,41 @@ typedef struct backend {
     int (*fill_normal)(float *x, size_t n, float mean, float std, uint64_t seed, uint64_t stream, mr_err *e);
     /* y = a * x + y over n floats. */
     int (*axpy)(float *y, const float *x, float a, size_t n, mr_err *e);
+
+    /* The model's operations (signatures and shapes: kernels/cpu/dense.h, rope.h, attention.h, moe.h). A backend
+     * that has not implemented them leaves them NULL and backend_has_model_ops says so. */
+    void (*matmul_forward)(float *y, const float *x, const float *w, int T, int in, int out, float beta, mm_mode mode);
+    void (*matmul_backward)(float *dx, float *dw, const float *dy, const float *x, const float *w, int T, int in,
+                            int out, mm_mode mode);
+    void (*rmsnorm_forward)(float *out, float *rstd, const float *x, const float *g, int T, int C, float eps);
+    void (*rmsnorm_backward)(float *dx, float *dg, const float *dout, const float *x, const float *g,
+                             const float *rstd, int T, int C);
+    void (*swiglu_forward)(float *h, const float *gate, const float *up, int T, int I);
+    void (*swiglu_backward)(float *dgate, float *dup, const float *dh, const float *gate, const float *up, int T,
+                            int I);
+    void (*embedding_forward)(float *out, const int32_t *ids, const float *table, int T, int C);
+    void (*embedding_backward)(float *dtable, const float *dout, const int32_t *ids, int T, int C);
+    double (*xent_forward_backward)(float *loss, float *dlogits, const float *logits, const int32_t *target,
+                                    const float *scale, int T, int V);
+    void (*rope_forward)(float *x, const int32_t *pos, int T, int n_heads, int row_stride, int head_stride,
+                         const rope_table *rt);
+    void (*rope_backward)(float *dx, const int32_t *pos, int T, int n_heads, int row_stride, int head_stride,
+                          const rope_table *rt);
+    void (*attention_forward)(float *out, float *lse, const float *q, const float *k, const float *v,
+                              const int32_t *doc_start, int T, int H, int d_qk, int d_v, float scale);
+    void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                               const float *lse, const float *q, const float *k, const float *v,
+                               const int32_t *doc_start, int T, int H, int d_qk, int d_v, float scale);
+    int (*moe_forward)(float *out, moe_saved *s, moe_work *w, const float *x, const int32_t *replay_idx,
+                       const moe_params *p, const moe_cfg *c, int T, mr_err *e);
+    void (*moe_backward)(float *dx, const moe_grads *g, moe_work *w, const float *dout, const float *daff,
+                         const moe_saved *s, const float *x, const moe_params *p, const moe_cfg *c);
+    int (*moe_balance_loss)(double *loss, float *daff, const float *scores, const int32_t *idx, const int *seq_len,
+                            int n_seq, int T, int E, int K, float alpha, mr_err *e);
 } backend;
+
+/* 1 when every model operation above is implemented. */
+int backend_has_model_ops(const backend *b);
 
 /* The backend named "cpu" or "cuda". MR_EDEVICE when CUDA was not built in or no device is present. */
 int backend_get(const char *name, const backend **out, mr_err *e);

@@ -5,7 +5,10 @@
 #include <string.h>
 
 #include "core/mem.h"
-#include "kernels/cpu/attention.h"
+#include "kernels/backend.h"
+
+/* Every kernel call goes through the backend operation table (kernels/backend.h). */
+#define BE (m->be)
 
 /* Saved activations of one block (an MLA attention + a dense or MoE FFN), for up to T_max rows. */
 struct layer_act {
@@ -139,12 +142,22 @@ int model_init(model *m, model_params *p, const model_opts *opt, int T_max, mr_e
     memset(p, 0, sizeof *p);
     m->opt = *opt;
     m->T_max = T_max;
+    m->be = opt->backend ? opt->backend : backend_cpu();
     const model_config *c = &m->p.cfg;
     int rc;
-    if (T_max < 1) return err_set(e, MR_EINVAL, "model: T_max must be >= 1, got %d", T_max);
-    if (c->num_nextn_predict_layers > MODEL_MAX_MTP)
-        return err_set(e, MR_ERANGE, "model: num_nextn_predict_layers: expected at most %d, got %d", MODEL_MAX_MTP,
+    if (T_max < 1) {
+        rc = err_set(e, MR_EINVAL, "model: T_max must be >= 1, got %d", T_max);
+        goto fail;
+    }
+    if (!backend_has_model_ops(m->be)) {
+        rc = err_set(e, MR_EDEVICE, "model: backend '%s' does not implement the model operations", m->be->name);
+        goto fail;
+    }
+    if (c->num_nextn_predict_layers > MODEL_MAX_MTP) {
+        rc = err_set(e, MR_ERANGE, "model: num_nextn_predict_layers: expected at most %d, got %d", MODEL_MAX_MTP,
                        c->num_nextn_predict_layers);
+        goto fail;
+    }
     rope_yarn y = {0};
     if (c->rope_scaling.type == CONFIG_ROPE_YARN) {
         y.enabled = 1;
@@ -236,24 +249,24 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
     const float eps = (float)c->rms_norm_eps;
     float *kv = m->scratch; /* (T, r_kv + d_rope) */
 
-    rmsnorm_forward(a->a, a->rstd_a, x, w->attn_norm, T, d, eps);
+    BE->rmsnorm_forward(a->a, a->rstd_a, x, w->attn_norm, T, d, eps);
     if (rq) { /* §5.2 */
-        matmul_forward(a->cq, a->a, w->attn.q_a, T, d, rq, 0, mm);
-        rmsnorm_forward(a->cqn, a->rstd_q, a->cq, w->attn.q_a_norm, T, rq, eps);
-        matmul_forward(a->q, a->cqn, w->attn.q_b, T, rq, H * dqk, 0, mm);
+        BE->matmul_forward(a->cq, a->a, w->attn.q_a, T, d, rq, 0, mm);
+        BE->rmsnorm_forward(a->cqn, a->rstd_q, a->cq, w->attn.q_a_norm, T, rq, eps);
+        BE->matmul_forward(a->q, a->cqn, w->attn.q_b, T, rq, H * dqk, 0, mm);
     } else {
-        matmul_forward(a->q, a->a, w->attn.q, T, d, H * dqk, 0, mm);
+        BE->matmul_forward(a->q, a->a, w->attn.q, T, d, H * dqk, 0, mm);
     }
-    rope_forward(a->q + dn, pos, T, H, H * dqk, dqk, &m->rope);
+    BE->rope_forward(a->q + dn, pos, T, H, H * dqk, dqk, &m->rope);
     /* §5.3: latent and shared RoPE key; only the latent is normalized */
-    matmul_forward(kv, a->a, w->attn.kv_a, T, d, rkv + dr, 0, mm);
+    BE->matmul_forward(kv, a->a, w->attn.kv_a, T, d, rkv + dr, 0, mm);
     for (int t = 0; t < T; t++) {
         memcpy(a->lat + (size_t)t * rkv, kv + (size_t)t * (rkv + dr), sizeof(float) * rkv);
         memcpy(a->kpe + (size_t)t * dr, kv + (size_t)t * (rkv + dr) + rkv, sizeof(float) * dr);
     }
-    rmsnorm_forward(a->cn, a->rstd_kv, a->lat, w->attn.kv_a_norm, T, rkv, eps);
-    rope_forward(a->kpe, pos, T, 1, dr, dr, &m->rope);
-    matmul_forward(a->kvb, a->cn, w->attn.kv_b, T, rkv, H * (dn + dv), 0, mm);
+    BE->rmsnorm_forward(a->cn, a->rstd_kv, a->lat, w->attn.kv_a_norm, T, rkv, eps);
+    BE->rope_forward(a->kpe, pos, T, 1, dr, dr, &m->rope);
+    BE->matmul_forward(a->kvb, a->cn, w->attn.kv_b, T, rkv, H * (dn + dv), 0, mm);
     for (int t = 0; t < T; t++)
         for (int h = 0; h < H; h++) {
             const float *src = a->kvb + ((size_t)t * H + h) * (dn + dv);
@@ -262,32 +275,32 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
             memcpy(kk + dn, a->kpe + (size_t)t * dr, sizeof(float) * dr);
             memcpy(a->v + ((size_t)t * H + h) * dv, src + dn, sizeof(float) * dv);
         }
-    attention_forward(a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H, dqk, dv, m->scale);
+    BE->attention_forward(a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H, dqk, dv, m->scale);
     memcpy(a->xm, x, sizeof(float) * (size_t)T * d);
-    matmul_forward(a->xm, a->att, w->attn.o, T, H * dv, d, 1.0f, mm);
+    BE->matmul_forward(a->xm, a->att, w->attn.o, T, H * dv, d, 1.0f, mm);
 
-    rmsnorm_forward(a->f, a->rstd_f, a->xm, w->ffn_norm, T, d, eps);
+    BE->rmsnorm_forward(a->f, a->rstd_f, a->xm, w->ffn_norm, T, d, eps);
     memcpy(y, a->xm, sizeof(float) * (size_t)T * d);
     if (w->is_moe) {
         moe_params mp = layer_moe_params(m, l);
         float *tmp = m->scratch;
         const int32_t *replay = b->replay ? b->replay[l] : NULL;
-        int rc = moe_forward(tmp, &a->moe, &m->moe_work, a->f, replay, &mp, &m->moe, T, e);
+        int rc = BE->moe_forward(tmp, &a->moe, &m->moe_work, a->f, replay, &mp, &m->moe, T, e);
         if (rc) return err_prefix(e, "layer %d", l);
         size_t n = (size_t)T * d;
         for (size_t i = 0; i < n; i++) y[i] += tmp[i];
     } else {
         const int I = c->intermediate_size;
-        matmul_forward(a->hg, a->f, w->mlp.gate, T, d, I, 0, mm);
-        matmul_forward(a->hu, a->f, w->mlp.up, T, d, I, 0, mm);
-        swiglu_forward(a->h, a->hg, a->hu, T, I);
-        matmul_forward(y, a->h, w->mlp.down, T, I, d, 1.0f, mm);
+        BE->matmul_forward(a->hg, a->f, w->mlp.gate, T, d, I, 0, mm);
+        BE->matmul_forward(a->hu, a->f, w->mlp.up, T, d, I, 0, mm);
+        BE->swiglu_forward(a->h, a->hg, a->hu, T, I);
+        BE->matmul_forward(y, a->h, w->mlp.down, T, I, d, 1.0f, mm);
     }
     return MR_OK;
 }
 
 /* Mean CE over rows with a target; with grad, logits become scale/n · (softmax − onehot). */
-static double head_loss(float *logits, const int32_t *tgt, int T, int V, float weight, int grad, int64_t *n_out) {
+static double head_loss(const model *m, float *logits, const int32_t *tgt, int T, int V, float weight, int grad, int64_t *n_out) {
     int64_t n = 0;
     for (int t = 0; t < T; t++) n += tgt[t] >= 0;
     *n_out = n;
@@ -302,7 +315,7 @@ static double head_loss(float *logits, const int32_t *tgt, int T, int V, float w
         sc = mem_alloc(sizeof(float) * (size_t)T);
         for (int t = 0; t < T; t++) sc[t] = weight / (float)n;
     }
-    sum = xent_forward_backward(NULL, grad ? logits : NULL, logits, tgt, sc, T, V);
+    sum = BE->xent_forward_backward(NULL, grad ? logits : NULL, logits, tgt, sc, T, V);
     mem_free(sc);
     return sum / (double)n;
 }
@@ -330,16 +343,16 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
     model_loss ls;
     memset(&ls, 0, sizeof ls);
 
-    embedding_forward(m->resid, b->ids, m->p.w.embed, T, d);
+    BE->embedding_forward(m->resid, b->ids, m->p.w.embed, T, d);
     for (int l = 0; l < L; l++) {
         rc = block_forward(m, l, m->resid + (size_t)(l + 1) * T * d, m->resid + (size_t)l * T * d, b, pos, T, e);
         if (rc) goto done;
     }
-    rmsnorm_forward(m->hfin, m->rstd_fin, m->resid + (size_t)L * T * d, m->p.w.final_norm, T, d, eps);
-    matmul_forward(m->logits, m->hfin, m->p.w.head, T, d, V, 0, m->opt.mm);
+    BE->rmsnorm_forward(m->hfin, m->rstd_fin, m->resid + (size_t)L * T * d, m->p.w.final_norm, T, d, eps);
+    BE->matmul_forward(m->logits, m->hfin, m->p.w.head, T, d, V, 0, m->opt.mm);
 
     if (b->targets) {
-        ls.main = head_loss(m->logits, b->targets, T, V, 1.0f, train, &ls.n_main);
+        ls.main = head_loss(m, m->logits, b->targets, T, V, 1.0f, train, &ls.n_main);
         ls.total = ls.main;
         /* §9.2 balance loss over the documents of the batch, main-model MoE layers */
         m->n_seq = 0;
@@ -354,7 +367,7 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
                 if (!m->acts[l].is_moe) continue;
                 double lb;
                 const moe_saved *s = &m->acts[l].moe;
-                rc = moe_balance_loss(&lb, NULL, s->scores, s->idx, m->seq_len, m->n_seq, T, m->moe.E, m->moe.K,
+                rc = BE->moe_balance_loss(&lb, NULL, s->scores, s->idx, m->seq_len, m->n_seq, T, m->moe.E, m->moe.K,
                                       m->opt.balance_alpha, e);
                 if (rc) goto done;
                 ls.balance += lb;
@@ -370,18 +383,18 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
         const int Tk = T - k, l = L + k - 1;
         const layer_w *w = &m->p.w.layers[l];
         const float *hprev = k == 1 ? m->hfin : m->mtp[k - 2].hk;
-        embedding_forward(t->emb, b->ids + k, m->p.w.embed, Tk, d);
-        rmsnorm_forward(t->en, t->rstd_e, t->emb, w->enorm, Tk, d, eps);
-        rmsnorm_forward(t->hn, t->rstd_h, hprev, w->hnorm, Tk, d, eps);
+        BE->embedding_forward(t->emb, b->ids + k, m->p.w.embed, Tk, d);
+        BE->rmsnorm_forward(t->en, t->rstd_e, t->emb, w->enorm, Tk, d, eps);
+        BE->rmsnorm_forward(t->hn, t->rstd_h, hprev, w->hnorm, Tk, d, eps);
         for (int i = 0; i < Tk; i++) { /* embedding first (§9.4) */
             memcpy(t->cat + (size_t)i * 2 * d, t->en + (size_t)i * d, sizeof(float) * d);
             memcpy(t->cat + (size_t)i * 2 * d + d, t->hn + (size_t)i * d, sizeof(float) * d);
         }
-        matmul_forward(t->x0, t->cat, w->eh_proj, Tk, 2 * d, d, 0, m->opt.mm);
+        BE->matmul_forward(t->x0, t->cat, w->eh_proj, Tk, 2 * d, d, 0, m->opt.mm);
         rc = block_forward(m, l, t->hk, t->x0, b, pos, Tk, e);
         if (rc) goto done;
-        rmsnorm_forward(t->hkn, t->rstd_k, t->hk, w->head_norm, Tk, d, eps);
-        matmul_forward(t->logits, t->hkn, m->p.w.head, Tk, d, V, 0, m->opt.mm);
+        BE->rmsnorm_forward(t->hkn, t->rstd_k, t->hk, w->head_norm, Tk, d, eps);
+        BE->matmul_forward(t->logits, t->hkn, m->p.w.head, Tk, d, V, 0, m->opt.mm);
         if (b->targets) {
             /* row i predicts t_{i+k+1} = targets[i+k], inside one document only */
             for (int i = 0; i < Tk; i++) {
@@ -389,7 +402,7 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
                 m->tgt_k[i] = same ? b->targets[i + k] : -1;
             }
             float wk = m->opt.mtp_weight / (float)c->num_nextn_predict_layers;
-            ls.mtp[k - 1] = head_loss(t->logits, m->tgt_k, Tk, V, wk, train, &ls.n_mtp[k - 1]);
+            ls.mtp[k - 1] = head_loss(m, t->logits, m->tgt_k, Tk, V, wk, train, &ls.n_mtp[k - 1]);
             ls.total += wk * ls.mtp[k - 1];
         }
     }
@@ -473,27 +486,27 @@ static void block_backward(model *m, int l, float *dres, const float *x, const i
                         .gate_proj = m->gp + (3 * mi + 0) * E, .up_proj = m->gp + (3 * mi + 1) * E,
                         .down_proj = m->gp + (3 * mi + 2) * E,
                         .sh_gate = g->moe.shared.gate, .sh_up = g->moe.shared.up, .sh_down = g->moe.shared.down};
-        moe_backward(B->df, &mg, &m->moe_work, dres, daff, &a->moe, a->f, &mp, &m->moe);
+        BE->moe_backward(B->df, &mg, &m->moe_work, dres, daff, &a->moe, a->f, &mp, &m->moe);
     } else {
         const int I = c->intermediate_size;
         const size_t TI = (size_t)T * I;
         zero(B->dh1, TI);
-        matmul_backward(B->dh1, g->mlp.down, dres, a->h, w->mlp.down, T, I, d, mm);
+        BE->matmul_backward(B->dh1, g->mlp.down, dres, a->h, w->mlp.down, T, I, d, mm);
         zero(B->dh2, TI);
         zero(B->dh3, TI);
-        swiglu_backward(B->dh2, B->dh3, B->dh1, a->hg, a->hu, T, I);
-        matmul_backward(B->df, g->mlp.gate, B->dh2, a->f, w->mlp.gate, T, d, I, mm);
-        matmul_backward(B->df, g->mlp.up, B->dh3, a->f, w->mlp.up, T, d, I, mm);
+        BE->swiglu_backward(B->dh2, B->dh3, B->dh1, a->hg, a->hu, T, I);
+        BE->matmul_backward(B->df, g->mlp.gate, B->dh2, a->f, w->mlp.gate, T, d, I, mm);
+        BE->matmul_backward(B->df, g->mlp.up, B->dh3, a->f, w->mlp.up, T, d, I, mm);
     }
-    rmsnorm_backward(dres, g->ffn_norm, B->df, a->xm, w->ffn_norm, a->rstd_f, T, d); /* dres = dL/dxm */
+    BE->rmsnorm_backward(dres, g->ffn_norm, B->df, a->xm, w->ffn_norm, a->rstd_f, T, d); /* dres = dL/dxm */
 
     /* attention: xm = x + o_proj(att) */
     zero(B->datt, (size_t)T * H * dv);
-    matmul_backward(B->datt, g->attn.o, dres, a->att, w->attn.o, T, H * dv, d, mm);
+    BE->matmul_backward(B->datt, g->attn.o, dres, a->att, w->attn.o, T, H * dv, d, mm);
     zero(B->dq, (size_t)T * H * dqk);
     zero(B->dk, (size_t)T * H * dqk);
     zero(B->dv, (size_t)T * H * dv);
-    attention_backward(B->dq, B->dk, B->dv, B->datt, a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H, dqk, dv,
+    BE->attention_backward(B->dq, B->dk, B->dv, B->datt, a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H, dqk, dv,
                        m->scale);
     /* k = [k_nope(kvb) ; k_pe shared by every head], v from kvb */
     zero(B->dkpe, (size_t)T * dr);
@@ -507,27 +520,27 @@ static void block_backward(model *m, int l, float *dres, const float *x, const i
             for (int j = 0; j < dr; j++) kp[j] += dkk[dn + j];
         }
     zero(B->dcn, (size_t)T * rkv);
-    matmul_backward(B->dcn, g->attn.kv_b, B->dkvb, a->cn, w->attn.kv_b, T, rkv, H * (dn + dv), mm);
-    rope_backward(B->dkpe, pos, T, 1, dr, dr, &m->rope);
+    BE->matmul_backward(B->dcn, g->attn.kv_b, B->dkvb, a->cn, w->attn.kv_b, T, rkv, H * (dn + dv), mm);
+    BE->rope_backward(B->dkpe, pos, T, 1, dr, dr, &m->rope);
     zero(B->dlat, (size_t)T * rkv);
-    rmsnorm_backward(B->dlat, g->attn.kv_a_norm, B->dcn, a->lat, w->attn.kv_a_norm, a->rstd_kv, T, rkv);
+    BE->rmsnorm_backward(B->dlat, g->attn.kv_a_norm, B->dcn, a->lat, w->attn.kv_a_norm, a->rstd_kv, T, rkv);
     for (int t = 0; t < T; t++) {
         memcpy(B->dkv + (size_t)t * (rkv + dr), B->dlat + (size_t)t * rkv, sizeof(float) * rkv);
         memcpy(B->dkv + (size_t)t * (rkv + dr) + rkv, B->dkpe + (size_t)t * dr, sizeof(float) * dr);
     }
     zero(B->da, Td);
-    matmul_backward(B->da, g->attn.kv_a, B->dkv, a->a, w->attn.kv_a, T, d, rkv + dr, mm);
-    rope_backward(B->dq + dn, pos, T, H, H * dqk, dqk, &m->rope);
+    BE->matmul_backward(B->da, g->attn.kv_a, B->dkv, a->a, w->attn.kv_a, T, d, rkv + dr, mm);
+    BE->rope_backward(B->dq + dn, pos, T, H, H * dqk, dqk, &m->rope);
     if (rq) {
         zero(B->dcqn, (size_t)T * rq);
-        matmul_backward(B->dcqn, g->attn.q_b, B->dq, a->cqn, w->attn.q_b, T, rq, H * dqk, mm);
+        BE->matmul_backward(B->dcqn, g->attn.q_b, B->dq, a->cqn, w->attn.q_b, T, rq, H * dqk, mm);
         zero(B->dcq, (size_t)T * rq);
-        rmsnorm_backward(B->dcq, g->attn.q_a_norm, B->dcqn, a->cq, w->attn.q_a_norm, a->rstd_q, T, rq);
-        matmul_backward(B->da, g->attn.q_a, B->dcq, a->a, w->attn.q_a, T, d, rq, mm);
+        BE->rmsnorm_backward(B->dcq, g->attn.q_a_norm, B->dcqn, a->cq, w->attn.q_a_norm, a->rstd_q, T, rq);
+        BE->matmul_backward(B->da, g->attn.q_a, B->dcq, a->a, w->attn.q_a, T, d, rq, mm);
     } else {
-        matmul_backward(B->da, g->attn.q, B->dq, a->a, w->attn.q, T, d, H * dqk, mm);
+        BE->matmul_backward(B->da, g->attn.q, B->dq, a->a, w->attn.q, T, d, H * dqk, mm);
     }
-    rmsnorm_backward(dres, g->attn_norm, B->da, x, w->attn_norm, a->rstd_a, T, d); /* dres = dL/dx */
+    BE->rmsnorm_backward(dres, g->attn_norm, B->da, x, w->attn_norm, a->rstd_a, T, d); /* dres = dL/dx */
 }
 
 int model_backward(model *m, const model_batch *b, mr_err *e) {
@@ -561,7 +574,7 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
     bwd_carve(m, &B);
     float *dres = B.dtmp; /* the residual stream's gradient, (T, d) */
     zero(B.dhfin, (size_t)T * d);
-    matmul_backward(B.dhfin, m->p.g.head, m->logits, m->hfin, m->p.w.head, T, d, V, m->opt.mm);
+    BE->matmul_backward(B.dhfin, m->p.g.head, m->logits, m->hfin, m->p.w.head, T, d, V, m->opt.mm);
 
     /* MTP modules, deepest first; module k's block output gradient also receives depth k+1's hnorm gradient */
     int D = c->num_nextn_predict_layers;
@@ -576,14 +589,14 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
         /* dres = d/d hk */
         zero(dres, (size_t)T * d);
         zero(B.df, (size_t)T * d);
-        matmul_backward(B.df, m->p.g.head, t->logits, t->hkn, m->p.w.head, Tk, d, V, m->opt.mm);
-        rmsnorm_backward(dres, g->head_norm, B.df, t->hk, w->head_norm, t->rstd_k, Tk, d);
+        BE->matmul_backward(B.df, m->p.g.head, t->logits, t->hkn, m->p.w.head, Tk, d, V, m->opt.mm);
+        BE->rmsnorm_backward(dres, g->head_norm, B.df, t->hk, w->head_norm, t->rstd_k, Tk, d);
         if (dnext)
             for (size_t i = 0; i < (size_t)Tk * d; i++) dres[i] += dnext[i];
         block_backward(m, l, dres, t->x0, pos, b, Tk, &B, NULL); /* dres = d/d x0 */
         float *dcatb = B.dcat; /* (Tk, 2d) */
         zero(dcatb, (size_t)Tk * 2 * d);
-        matmul_backward(dcatb, g->eh_proj, dres, t->cat, w->eh_proj, Tk, 2 * d, d, m->opt.mm);
+        BE->matmul_backward(dcatb, g->eh_proj, dres, t->cat, w->eh_proj, Tk, 2 * d, d, m->opt.mm);
         /* split: [den ; dhn] */
         float *den = B.df, *dhn = B.da;
         for (int i = 0; i < Tk; i++) {
@@ -591,18 +604,18 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
             memcpy(dhn + (size_t)i * d, dcatb + (size_t)i * 2 * d + d, sizeof(float) * d);
         }
         zero(dres, (size_t)Tk * d);
-        rmsnorm_backward(dres, g->enorm, den, t->emb, w->enorm, t->rstd_e, Tk, d);
-        embedding_backward(m->p.g.embed, dres, b->ids + k, Tk, d);
+        BE->rmsnorm_backward(dres, g->enorm, den, t->emb, w->enorm, t->rstd_e, Tk, d);
+        BE->embedding_backward(m->p.g.embed, dres, b->ids + k, Tk, d);
         const float *hprev = k == 1 ? m->hfin : m->mtp[k - 2].hk;
         float *dprev = k == 1 ? B.dhfin : m->mtp[k - 1].emb; /* emb of module k is dead now: reuse as d hk_{k-1} */
         if (k > 1) zero(dprev, (size_t)(T - k + 1) * d);
-        rmsnorm_backward(dprev, g->hnorm, dhn, hprev, w->hnorm, t->rstd_h, Tk, d);
+        BE->rmsnorm_backward(dprev, g->hnorm, dhn, hprev, w->hnorm, t->rstd_h, Tk, d);
         dnext = k > 1 ? dprev : NULL;
     }
 
     /* main model */
     zero(dres, (size_t)T * d);
-    rmsnorm_backward(dres, m->p.g.final_norm, B.dhfin, m->resid + (size_t)L * T * d, m->p.w.final_norm, m->rstd_fin,
+    BE->rmsnorm_backward(dres, m->p.g.final_norm, B.dhfin, m->resid + (size_t)L * T * d, m->p.w.final_norm, m->rstd_fin,
                      T, d);
     for (int l = L - 1; l >= 0; l--) {
         const float *daff = NULL;
@@ -610,14 +623,14 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
             const moe_saved *s = &m->acts[l].moe;
             double lb;
             zero(B.daff, (size_t)T * m->moe.E);
-            rc = moe_balance_loss(&lb, B.daff, s->scores, s->idx, m->seq_len, m->n_seq, T, m->moe.E, m->moe.K,
+            rc = BE->moe_balance_loss(&lb, B.daff, s->scores, s->idx, m->seq_len, m->n_seq, T, m->moe.E, m->moe.K,
                                   m->opt.balance_alpha, e);
             if (rc) goto done;
             daff = B.daff;
         }
         block_backward(m, l, dres, m->resid + (size_t)l * T * d, pos, b, T, &B, daff);
     }
-    embedding_backward(m->p.g.embed, dres, b->ids, T, d);
+    BE->embedding_backward(m->p.g.embed, dres, b->ids, T, d);
     rc = MR_OK;
 done:
     mem_free(pos_default);

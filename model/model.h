@@ -18,7 +18,10 @@
 
 #define MODEL_MAX_MTP 8
 
+typedef struct backend backend;
+
 typedef struct model_opts {
+    const backend *backend; /* operation table; NULL = the CPU backend */
     mm_mode mm;          /* MM_DET: batch-invariant GEMMs (default); MM_FAST: OpenBLAS */
     float mtp_weight;    /* λ; 0 skips the MTP modules in training */
     float balance_alpha; /* α of the sequence-wise balance loss (main-model MoE layers); 0 = off */
@@ -45,6 +48,7 @@ typedef struct layer_act layer_act;
 typedef struct mtp_act mtp_act;
 
 typedef struct model {
+    const backend *be;      /* operation table the model runs on (kernels/backend.h) */
     model_params p;
     model_opts opt;
     int T_max;

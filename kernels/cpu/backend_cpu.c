@@ -4,6 +4,7 @@
 #include "core/mem.h"
 #include "core/rng.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/attention.h"
 
 static void *cpu_alloc(size_t n) { return mem_alloc_aligned(n); }
 static void cpu_free(void *p) { mem_free_aligned(p); }
@@ -42,6 +43,22 @@ static const backend cpu_backend = {
     .sync = cpu_sync,
     .fill_normal = cpu_fill_normal,
     .axpy = cpu_axpy,
+    .matmul_forward = matmul_forward,
+    .matmul_backward = matmul_backward,
+    .rmsnorm_forward = rmsnorm_forward,
+    .rmsnorm_backward = rmsnorm_backward,
+    .swiglu_forward = swiglu_forward,
+    .swiglu_backward = swiglu_backward,
+    .embedding_forward = embedding_forward,
+    .embedding_backward = embedding_backward,
+    .xent_forward_backward = xent_forward_backward,
+    .rope_forward = rope_forward,
+    .rope_backward = rope_backward,
+    .attention_forward = attention_forward,
+    .attention_backward = attention_backward,
+    .moe_forward = moe_forward,
+    .moe_backward = moe_backward,
+    .moe_balance_loss = moe_balance_loss,
 };
 
 const backend *backend_cpu(void) { return &cpu_backend; }
