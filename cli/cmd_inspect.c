@@ -9,6 +9,7 @@
 #include "cli/cli.h"
 #include "core/err.h"
 #include "core/safetensors.h"
+#include "model/config.h"
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -77,6 +78,20 @@ int cmd_inspect(int argc, char **argv) {
     }
 
     mr_err e = {0};
+    size_t plen = strlen(path);
+    if (plen >= 11 && !strcmp(path + plen - 11, "config.json")) { /* a config.json alone: validate it */
+        model_config c;
+        config_params pc;
+        if (config_load_file(&c, path, &e)) {
+            fprintf(stderr, "moerl inspect: %s\n", e.msg);
+            return 1;
+        }
+        int over = config_param_breakdown(&c, &pc);
+        printf("%s: valid %s config; %llu parameters (%llu active per token)%s\n", path,
+               config_model_type_name(c.model_type), (unsigned long long)pc.total, (unsigned long long)pc.activated,
+               over ? " (count overflows)" : "");
+        return 0;
+    }
     st_model *m = NULL;
     if (st_model_open(&m, path, &e) != 0 || st_model_check(m, &e) != 0) {
         fprintf(stderr, "moerl inspect: %s\n", e.msg);
@@ -86,8 +101,18 @@ int cmd_inspect(int argc, char **argv) {
 
     char dir[4096];
     checkpoint_dir(path, dir, sizeof dir);
-    /* TODO(lead): config.json validation goes here. When dir/config.json exists, load it with model/config.h
-     * and report its first error as one line (exit 1); optionally cross-check tensor shapes against it. */
+    /* A checkpoint directory's config.json must be valid too: its first error is the command's error. */
+    char cfg_path[4200];
+    snprintf(cfg_path, sizeof cfg_path, "%s/config.json", dir);
+    struct stat cs;
+    if (stat(cfg_path, &cs) == 0) {
+        model_config c;
+        if (config_load_file(&c, cfg_path, &e)) {
+            fprintf(stderr, "moerl inspect: %s\n", e.msg);
+            st_model_close(m);
+            return 1;
+        }
+    }
 
     size_t n = st_model_count(m), width = 4;
     uint64_t params = 0, bytes = 0;

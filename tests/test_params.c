@@ -237,3 +237,19 @@ Test(params, cli_init_model_info_logits) {
     tu_rmtree(dir);
     free(dir);
 }
+
+Test(params, cli_inspect_validates_config) {
+    char cmd[4096], *out;
+    snprintf(cmd, sizeof cmd, "%s inspect %s/tests/fixtures/golden/v3_full/config.json", tu_bin(), tu_src());
+    cr_assert_eq(tu_run(cmd, &out), 0, "%s", out);
+    cr_expect(strstr(out, "valid deepseek_v3 config; 159568 parameters") != NULL, "%s", out);
+    free(out);
+    char *dir = tu_tmpdir();
+    snprintf(cmd, sizeof cmd, "cp %s/tests/fixtures/golden/v3_no_qlora/* %s/ && sed -i 's/\"hidden_size\": [0-9]*/\"hidden_size\": \"big\"/' %s/config.json && %s inspect %s",
+             tu_src(), dir, dir, tu_bin(), dir);
+    cr_expect_eq(tu_run(cmd, &out), 1, "%s", out);
+    cr_expect(strstr(out, "hidden_size: expected an integer") != NULL, "%s", out);
+    free(out);
+    tu_rmtree(dir);
+    free(dir);
+}
