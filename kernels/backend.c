@@ -36,5 +36,6 @@ int backend_has_model_ops(const backend *b) {
     return b->matmul_forward && b->matmul_backward && b->rmsnorm_forward && b->rmsnorm_backward &&
            b->swiglu_forward && b->swiglu_backward && b->embedding_forward && b->embedding_backward &&
            b->xent_forward_backward && b->rope_forward && b->rope_backward && b->attention_forward &&
-           b->attention_backward && b->moe_forward && b->moe_backward && b->moe_balance_loss;
+           b->attention_backward && b->attention_swa_forward &&
+           b->attention_swa_backward && b->moe_forward && b->moe_backward && b->moe_balance_loss;
 }

@@ -57,6 +57,13 @@ typedef struct backend {
     void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout, const float *out,
                                const float *lse, const float *q, const float *k, const float *v,
                                const int32_t *doc_start, int T, int H, int d_qk, int d_v, float scale);
+    int (*attention_swa_forward)(float *out, float *lse, const float *q, const float *k, const float *v,
+                                 const int32_t *doc_start, int T, int H, int d_qk, int d_v, float scale, int window,
+                                 int ratio, mr_err *e);
+    int (*attention_swa_backward)(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                  const float *lse, const float *q, const float *k, const float *v,
+                                  const int32_t *doc_start, int T, int H, int d_qk, int d_v, float scale, int window,
+                                  int ratio, mr_err *e);
     int (*moe_forward)(float *out, moe_saved *s, moe_work *w, const float *x, const int32_t *replay_idx,
                        const moe_params *p, const moe_cfg *c, int T, mr_err *e);
     void (*moe_backward)(float *dx, const moe_grads *g, moe_work *w, const float *dout, const float *daff,

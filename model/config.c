@@ -100,7 +100,8 @@ enum {
     FF_REQ = 1,        /* must be present */
     FF_REQ_MOE = 2,    /* must be present when n_routed_experts > 0 */
     FF_NULLABLE = 4,   /* null is a legal value and means 0 ("none") */
-    FF_NULL_WRITE = 8  /* 0 is written as null */
+    FF_NULL_WRITE = 8, /* 0 is written as null */
+    FF_OMIT_ZERO = 16  /* moerl's own options: written only when set (HF configs never carry them) */
 };
 
 typedef struct field {
@@ -149,6 +150,8 @@ static const field fields[] = {
     FBOOL(attention_bias),
     FDBL(attention_dropout),
     FBOOL(rope_interleave),
+    FINT(moerl_swa_window, FF_OMIT_ZERO),
+    FINT(moerl_swa_ratio, FF_OMIT_ZERO),
 };
 #define N_FIELDS (sizeof fields / sizeof fields[0])
 
@@ -882,6 +885,11 @@ int config_validate(const model_config *c, const char *source_name, mr_err *e) {
     if (!(isfinite(c->rms_norm_eps) && c->rms_norm_eps > 0 && c->rms_norm_eps < 1))
         return fail(e, MR_ERANGE, src, "rms_norm_eps: expected a number in (0, 1), got %g", c->rms_norm_eps);
     RANGE(num_nextn_predict_layers, 0, MAX_MTP);
+    RANGE(moerl_swa_window, 0, MAX_POSITIONS);
+    RANGE(moerl_swa_ratio, 0, MAX_POSITIONS);
+    if ((c->moerl_swa_window > 0) != (c->moerl_swa_ratio > 0))
+        return fail(e, MR_ERANGE, src, "moerl_swa_window / moerl_swa_ratio: set both (the option is on) or neither, got %d and %d",
+                    c->moerl_swa_window, c->moerl_swa_ratio);
 
     if ((rc = check_token(c, "bos_token_id", c->bos_token_id, true, src, e))) return rc;
     if ((rc = check_token(c, "pad_token_id", c->pad_token_id, true, src, e))) return rc;
@@ -1075,6 +1083,7 @@ int config_write_json(const model_config *c, char **out_text, mr_err *e) {
         const field *f = &fields[i];
         if (f->kind == FK_INT) {
             int v = *cfield_int(c, f);
+            if (v == 0 && (f->flags & FF_OMIT_ZERO)) continue;
             if (v == 0 && (f->flags & FF_NULL_WRITE)) w_raw(&w, f->key, "null");
             else w_int(&w, f->key, v);
         } else if (f->kind == FK_DOUBLE) w_double(&w, f->key, *cfield_dbl(c, f));

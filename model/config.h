@@ -117,6 +117,11 @@ typedef struct model_config {
     config_quantization quantization_config;
     bool rope_interleave;          /* default true (§5.4) */
     char transformers_version[32]; /* "" = absent; kept as read, written back only when set */
+    /* moerl's option (off = 0): sliding-window attention over the last moerl_swa_window tokens plus the
+     * average-pooled keys/values of every older block of moerl_swa_ratio tokens (kernels/cpu/attention_swa.h).
+     * Written to config.json only when set; a checkpoint trained with it must be run with it. */
+    int moerl_swa_window;
+    int moerl_swa_ratio;
 } model_config;
 
 /* Fills every field with the HF-class default for model_type t; shape fields (the required ones) become 0. */

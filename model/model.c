@@ -275,7 +275,13 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
             memcpy(kk + dn, a->kpe + (size_t)t * dr, sizeof(float) * dr);
             memcpy(a->v + ((size_t)t * H + h) * dv, src + dn, sizeof(float) * dv);
         }
-    BE->attention_forward(a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H, dqk, dv, m->scale);
+    if (c->moerl_swa_window > 0) {
+        int rc = BE->attention_swa_forward(a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H, dqk, dv, m->scale,
+                                           c->moerl_swa_window, c->moerl_swa_ratio, e);
+        if (rc) return err_prefix(e, "layer %d attention", l);
+    } else {
+        BE->attention_forward(a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H, dqk, dv, m->scale);
+    }
     memcpy(a->xm, x, sizeof(float) * (size_t)T * d);
     BE->matmul_forward(a->xm, a->att, w->attn.o, T, H * dv, d, 1.0f, mm);
 
@@ -466,8 +472,8 @@ static void zero(float *p, size_t n) { memset(p, 0, n * sizeof(float)); }
 
 /* dres holds dL/dy on entry and dL/dx on exit. x is the block input of the forward. daff: extra gradient
  * into the router affinities (balance loss) or NULL. */
-static void block_backward(model *m, int l, float *dres, const float *x, const int32_t *pos, const model_batch *b,
-                           int T, bwd_buf *B, const float *daff) {
+static int block_backward(model *m, int l, float *dres, const float *x, const int32_t *pos, const model_batch *b,
+                          int T, bwd_buf *B, const float *daff, mr_err *e) {
     const model_config *c = &m->p.cfg;
     const layer_w *w = &m->p.w.layers[l];
     layer_w *g = &m->p.g.layers[l];
@@ -506,8 +512,15 @@ static void block_backward(model *m, int l, float *dres, const float *x, const i
     zero(B->dq, (size_t)T * H * dqk);
     zero(B->dk, (size_t)T * H * dqk);
     zero(B->dv, (size_t)T * H * dv);
-    BE->attention_backward(B->dq, B->dk, B->dv, B->datt, a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H, dqk, dv,
-                       m->scale);
+    if (c->moerl_swa_window > 0) {
+        int rc = BE->attention_swa_backward(B->dq, B->dk, B->dv, B->datt, a->att, a->lse, a->q, a->k, a->v,
+                                            b->doc_start, T, H, dqk, dv, m->scale, c->moerl_swa_window,
+                                            c->moerl_swa_ratio, e);
+        if (rc) return err_prefix(e, "layer %d attention backward", l);
+    } else {
+        BE->attention_backward(B->dq, B->dk, B->dv, B->datt, a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H,
+                               dqk, dv, m->scale);
+    }
     /* k = [k_nope(kvb) ; k_pe shared by every head], v from kvb */
     zero(B->dkpe, (size_t)T * dr);
     for (int t = 0; t < T; t++)
@@ -541,6 +554,7 @@ static void block_backward(model *m, int l, float *dres, const float *x, const i
         BE->matmul_backward(B->da, g->attn.q, B->dq, a->a, w->attn.q, T, d, H * dqk, mm);
     }
     BE->rmsnorm_backward(dres, g->attn_norm, B->da, x, w->attn_norm, a->rstd_a, T, d); /* dres = dL/dx */
+    return MR_OK;
 }
 
 int model_backward(model *m, const model_batch *b, mr_err *e) {
@@ -593,7 +607,8 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
         BE->rmsnorm_backward(dres, g->head_norm, B.df, t->hk, w->head_norm, t->rstd_k, Tk, d);
         if (dnext)
             for (size_t i = 0; i < (size_t)Tk * d; i++) dres[i] += dnext[i];
-        block_backward(m, l, dres, t->x0, pos, b, Tk, &B, NULL); /* dres = d/d x0 */
+        rc = block_backward(m, l, dres, t->x0, pos, b, Tk, &B, NULL, e); /* dres = d/d x0 */
+        if (rc) goto done;
         float *dcatb = B.dcat; /* (Tk, 2d) */
         zero(dcatb, (size_t)Tk * 2 * d);
         BE->matmul_backward(dcatb, g->eh_proj, dres, t->cat, w->eh_proj, Tk, 2 * d, d, m->opt.mm);
@@ -628,7 +643,8 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
             if (rc) goto done;
             daff = B.daff;
         }
-        block_backward(m, l, dres, m->resid + (size_t)l * T * d, pos, b, T, &B, daff);
+        rc = block_backward(m, l, dres, m->resid + (size_t)l * T * d, pos, b, T, &B, daff, e);
+        if (rc) goto done;
     }
     BE->embedding_backward(m->p.g.embed, dres, b->ids, T, d);
     rc = MR_OK;

@@ -162,10 +162,14 @@ static void routing_snapshot(const model *m, int32_t *out, size_t *n) {
     *n = k;
 }
 
-Test(model_grad, finite_differences_every_tensor) {
+static void fd_check(int swa) {
     mr_err e = {0};
     model_config c;
     fd_config(&c);
+    if (swa) { /* sliding window of 3 + average-pooled blocks of 2 older tokens */
+        c.moerl_swa_window = 3;
+        c.moerl_swa_ratio = 2;
+    }
     model_params p;
     cr_assert_eq(params_init(&p, &c, &e), MR_OK, "%s", e.msg);
     params_init_random(&p, 42, 0.3f);
@@ -237,8 +241,48 @@ Test(model_grad, finite_differences_every_tensor) {
             }
         }
     }
-    fprintf(stderr, "model FD: %d elements checked, %d skipped (routing flip), %d mismatches\n", checked, skipped, bad);
+    fprintf(stderr, "model FD%s: %d elements checked, %d skipped (routing flip), %d mismatches\n", swa ? " (swa)" : "", checked, skipped, bad);
     cr_expect_eq(bad, 0);
     cr_expect_gt(checked, 2 * m.p.n_entries * 8 / 10);
     model_free(&m);
+}
+
+Test(model_grad, finite_differences_every_tensor) { fd_check(0); }
+Test(model_grad, finite_differences_sliding_window_compressed) { fd_check(1); }
+
+Test(model_swa, window_covering_the_batch_equals_full_attention) {
+    mr_err e = {0};
+    model_config c;
+    fd_config(&c);
+    model_params p1, p2;
+    params_init(&p1, &c, &e);
+    params_init_random(&p1, 3, 0.2f);
+    c.moerl_swa_window = 64;
+    c.moerl_swa_ratio = 4;
+    params_init(&p2, &c, &e);
+    memcpy(p2.data, p1.data, p1.n * sizeof(float));
+    model m1, m2;
+    model_opts opt = {.mm = MM_DET};
+    cr_assert_eq(model_init(&m1, &p1, &opt, 16, &e), MR_OK, "%s", e.msg);
+    cr_assert_eq(model_init(&m2, &p2, &opt, 16, &e), MR_OK, "%s", e.msg);
+    int32_t ids[16];
+    for (int t = 0; t < 16; t++) ids[t] = (t * 7) % c.vocab_size;
+    model_batch b = {.ids = ids, .T = 16};
+    cr_assert_eq(model_forward(&m1, &b, 0, NULL, &e), MR_OK);
+    cr_assert_eq(model_forward(&m2, &b, 0, NULL, &e), MR_OK, "%s", e.msg);
+    double rn, rm;
+    rel_err(model_logits(&m2), model_logits(&m1), (size_t)16 * c.vocab_size, &rn, &rm);
+    cr_expect_lt(rn, 1e-5, "window >= T must be exact attention: %g", rn);
+    /* a short window changes the logits */
+    model_free(&m2);
+    c.moerl_swa_window = 2;
+    c.moerl_swa_ratio = 3;
+    params_init(&p2, &c, &e);
+    memcpy(p2.data, m1.p.data, m1.p.n * sizeof(float));
+    cr_assert_eq(model_init(&m2, &p2, &opt, 16, &e), MR_OK, "%s", e.msg);
+    cr_assert_eq(model_forward(&m2, &b, 0, NULL, &e), MR_OK, "%s", e.msg);
+    rel_err(model_logits(&m2), model_logits(&m1), (size_t)16 * c.vocab_size, &rn, &rm);
+    cr_expect_gt(rn, 1e-4, "a 2-token window must differ from full attention");
+    model_free(&m1);
+    model_free(&m2);
 }

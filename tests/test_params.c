@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/dtype.h"
+#include "core/mem.h"
 #include "core/safetensors.h"
 #include "model/params.h"
 #include "tests/testutil.h"
@@ -252,4 +253,23 @@ Test(params, cli_inspect_validates_config) {
     free(out);
     tu_rmtree(dir);
     free(dir);
+}
+
+Test(params, swa_option_round_trips_through_config_json) {
+    model_config c, d;
+    config_tiny(&c);
+    mr_err e = {0};
+    char *txt;
+    cr_assert_eq(config_write_json(&c, &txt, &e), MR_OK, "%s", e.msg);
+    cr_expect_null(strstr(txt, "moerl_swa"), "off: not written");
+    mem_free(txt);
+    c.moerl_swa_window = 128;
+    c.moerl_swa_ratio = 8;
+    cr_assert_eq(config_write_json(&c, &txt, &e), MR_OK, "%s", e.msg);
+    cr_assert_eq(config_parse_json(&d, txt, "x/config.json", &e), MR_OK, "%s", e.msg);
+    cr_expect_null(config_diff(&c, &d));
+    mem_free(txt);
+    c.moerl_swa_ratio = 0;
+    cr_expect_neq(config_validate(&c, "x/config.json", &e), MR_OK);
+    cr_expect(strstr(e.msg, "moerl_swa_window / moerl_swa_ratio: set both") != NULL, "%s", e.msg);
 }

@@ -5,6 +5,7 @@
 #include "core/rng.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/attention_swa.h"
 
 static void *cpu_alloc(size_t n) { return mem_alloc_aligned(n); }
 static void cpu_free(void *p) { mem_free_aligned(p); }
@@ -56,6 +57,8 @@ static const backend cpu_backend = {
     .rope_backward = rope_backward,
     .attention_forward = attention_forward,
     .attention_backward = attention_backward,
+    .attention_swa_forward = attention_swa_forward,
+    .attention_swa_backward = attention_swa_backward,
     .moe_forward = moe_forward,
     .moe_backward = moe_backward,
     .moe_balance_loss = moe_balance_loss,
