@@ -358,7 +358,8 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
     BE->matmul_forward(m->logits, m->hfin, m->p.w.head, T, d, V, 0, m->opt.mm);
 
     if (b->targets) {
-        ls.main = head_loss(m, m->logits, b->targets, T, V, 1.0f, train, &ls.n_main);
+        const float lw = b->loss_weight > 0 ? b->loss_weight : 1.0f;
+        ls.main = head_loss(m, m->logits, b->targets, T, V, lw, train, &ls.n_main);
         ls.total = ls.main;
         /* §9.2 balance loss over the documents of the batch, main-model MoE layers */
         m->n_seq = 0;
@@ -408,7 +409,8 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
                 m->tgt_k[i] = same ? b->targets[i + k] : -1;
             }
             float wk = m->opt.mtp_weight / (float)c->num_nextn_predict_layers;
-            ls.mtp[k - 1] = head_loss(m, t->logits, m->tgt_k, Tk, V, wk, train, &ls.n_mtp[k - 1]);
+            const float lw = b->loss_weight > 0 ? b->loss_weight : 1.0f;
+            ls.mtp[k - 1] = head_loss(m, t->logits, m->tgt_k, Tk, V, wk * lw, train, &ls.n_mtp[k - 1]);
             ls.total += wk * ls.mtp[k - 1];
         }
     }
@@ -639,7 +641,7 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
             double lb;
             zero(B.daff, (size_t)T * m->moe.E);
             rc = BE->moe_balance_loss(&lb, B.daff, s->scores, s->idx, m->seq_len, m->n_seq, T, m->moe.E, m->moe.K,
-                                  m->opt.balance_alpha, e);
+                                      m->opt.balance_alpha * (b->loss_weight > 0 ? b->loss_weight : 1.0f), e);
             if (rc) goto done;
             daff = B.daff;
         }

@@ -34,6 +34,9 @@ typedef struct model_batch {
     const int32_t *targets;   /* (T) next-token target of each row, -1 = no loss here; NULL = inference */
     const int32_t *const *replay; /* per layer (main + MTP), (T, K) experts to reuse, or NULL (routing replay) */
     int T;
+    /* Gradient weight of this batch's losses (0 = 1): a trainer that splits a step into micro-batches passes
+     * n_tokens(micro-batch) / n_tokens(step) so the step's gradient is that of one token mean. */
+    float loss_weight;
 } model_batch;
 
 typedef struct model_loss {
