@@ -384,7 +384,7 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
 
     /* MTP modules (§9.4): depth k reads depth k-1's block output (k = 1: the final-normed main hidden state) */
     int D = c->num_nextn_predict_layers;
-    if (train && m->opt.mtp_weight <= 0) D = 0;
+    if ((train && m->opt.mtp_weight <= 0) || b->skip_mtp) D = 0;
     for (int k = 1; k <= D && T - k >= 1; k++) {
         mtp_act *t = &m->mtp[k - 1];
         const int Tk = T - k, l = L + k - 1;

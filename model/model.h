@@ -37,6 +37,7 @@ typedef struct model_batch {
     /* Gradient weight of this batch's losses (0 = 1): a trainer that splits a step into micro-batches passes
      * n_tokens(micro-batch) / n_tokens(step) so the step's gradient is that of one token mean. */
     float loss_weight;
+    int skip_mtp;       /* inference without the MTP heads (generation) */
 } model_batch;
 
 typedef struct model_loss {

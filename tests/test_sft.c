@@ -8,6 +8,7 @@
 
 #include "core/rng.h"
 #include "model/model.h"
+#include "rollout/greedy.h"
 #include "sft/checkpoint.h"
 #include "sft/trainer.h"
 #include "tests/testutil.h"
@@ -192,4 +193,31 @@ Test(sft, non_finite_steps_are_skipped_then_stop) {
     cr_expect_eq(res.skipped, 3);
     model_free(m);
     tu_rmtree(dir);
+}
+
+Test(sft, greedy_generation_is_batch_invariant) {
+    model *m = make_model(8, 64);
+    sft_example *ex = reverse_task(3, 2);
+    const int32_t *pr[3] = {ex[0].ids, ex[1].ids, ex[2].ids};
+    int pl[3] = {5, 4, 5};
+    int32_t *out[3], *one[1];
+    int ol[3], l1;
+    mr_err e = {0};
+    cr_assert_eq(greedy_generate(m, pr, pl, 3, 6, 1, out, ol, &e), MR_OK, "%s", e.msg);
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(greedy_generate(m, pr + i, pl + i, 1, 6, 1, one, &l1, &e), MR_OK, "%s", e.msg);
+        cr_expect_eq(l1, ol[i]);
+        cr_expect(memcmp(one[0], out[i], sizeof(int32_t) * (size_t)l1) == 0, "prompt %d differs alone", i);
+        /* the first token is the argmax of the prompt's last row */
+        model_batch b = {.ids = pr[i], .T = pl[i], .skip_mtp = 1};
+        cr_assert_eq(model_forward(m, &b, 0, NULL, &e), MR_OK);
+        const float *row = model_logits(m) + (size_t)(pl[i] - 1) * m->p.cfg.vocab_size;
+        int best = 0;
+        for (int v = 1; v < m->p.cfg.vocab_size; v++)
+            if (row[v] > row[best]) best = v;
+        if (best != 1) cr_expect_eq(out[i][0], best);
+        free(one[0]);
+    }
+    cr_expect_neq(greedy_generate(m, pr, pl, 1, 70, 1, out, ol, &e), MR_OK);
+    model_free(m);
 }
