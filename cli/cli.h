@@ -12,6 +12,7 @@ int cmd_init_model(int argc, char **argv); /* cli/cmd_model.c: a model initializ
 int cmd_info(int argc, char **argv);       /* cli/cmd_model.c: parameter counts, KV-cache bytes */
 int cmd_logits(int argc, char **argv);     /* cli/cmd_model.c: logits of a token sequence (checking) */
 int cmd_bench(int argc, char **argv);      /* cli/cmd_bench.c: benchmarks that print figures */
+int cmd_tokenize(int argc, char **argv);   /* cli/cmd_tokenize.c: text -> ids, one line per line (or --decode) */
 
 /* Shared helper: returns 1 when argv holds -h or --help. */
 int cli_wants_help(int argc, char **argv);

@@ -20,6 +20,7 @@ static const command commands[] = {
     {"info", cmd_info, "parameter counts and KV-cache bytes per token of a model or config"},
     {"logits", cmd_logits, "float32 logits of a token sequence, for checking against other implementations"},
     {"bench", cmd_bench, "benchmarks (model forward/backward throughput against baselines)"},
+    {"tokenize", cmd_tokenize, "encode stdin lines to token ids (or --decode ids to text) with a tokenizer.json"},
 };
 
 static void usage(FILE *f) {

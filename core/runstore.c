@@ -564,6 +564,29 @@ fail:
     return err_prefix(e, "ending run %lld", (long long)run_id);
 }
 
+int runstore_resume_run(runstore *rs, int64_t run_id, mr_err *e) {
+    int st = tx_begin(rs, e);
+    if (st) return st;
+    sqlite3_stmt *s = NULL;
+    SQL(sqlite3_prepare_v2(rs->db, "UPDATE runs SET status = 'running', ended_at = NULL, pid = ? WHERE id = ?", -1,
+                           &s, NULL));
+    SQL(sqlite3_bind_int64(s, 1, (int64_t)getpid()));
+    SQL(sqlite3_bind_int64(s, 2, run_id));
+    SQL(sqlite3_step(s));
+    sqlite3_finalize(s);
+    s = NULL;
+    if (sqlite3_changes(rs->db) != 1) {
+        tx_rollback(rs);
+        return err_set(e, MR_ENOTFOUND, "%s: no run %lld to resume", rs->path, (long long)run_id);
+    }
+    if ((st = tx_commit(rs, e))) goto fail;
+    return MR_OK;
+fail:
+    sqlite3_finalize(s);
+    tx_rollback(rs);
+    return err_prefix(e, "resuming run %lld", (long long)run_id);
+}
+
 /* An insert that failed on the runs(id) foreign key means the caller's run id is wrong: say so plainly. */
 static int fix_missing_run(runstore *rs, int64_t run_id, int st, mr_err *e) {
     if (rs->last_rc == SQLITE_CONSTRAINT_FOREIGNKEY)

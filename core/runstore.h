@@ -54,6 +54,8 @@ int runstore_begin_run(runstore *rs, const char *kind, const char *name, const c
                        int64_t *run_id, mr_err *e);
 /* Records the end time and final status (RUN_OK, RUN_FAILED or RUN_KILLED). MR_ENOTFOUND for an unknown run. */
 int runstore_end_run(runstore *rs, int64_t run_id, run_status status, mr_err *e);
+/* A run continued by --resume: status back to running, end time cleared, this process as its writer. */
+int runstore_resume_run(runstore *rs, int64_t run_id, mr_err *e);
 
 /* One metric value. A later value for the same (run, name, step) replaces the earlier one. */
 int runstore_log_metric(runstore *rs, int64_t run_id, int64_t step, const char *name, double value, mr_err *e);
