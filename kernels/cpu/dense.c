@@ -8,8 +8,12 @@
  * MM_DET forward is a "dot-product" kernel: y[t][o] = x[t]·w[o] with both operands contiguous in `in`, so W needs
  * no packing (decode, T = 1, streams W once). A 4x4 register tile keeps 16 accumulators of 16 lanes; the 16 lane
  * sums are finished together by a shuffle network that performs the fixed lane tree of dense.h on 16 elements at
- * once. MM_DET backward is an "outer-product" kernel (a fused chain over the reduction index per element).
- * Portable C versions (fmaf) of both compute the same bits; they are the fallback and the tests' cross-check. */
+ * once (AVX2: a 2x2 tile of 8-lane halves). MM_DET backward is an "outer-product" kernel (a fused chain over the
+ * reduction index per element, AVX-512 on packed blocks). Portable C versions (fmaf) of both compute the same bits;
+ * they are the fallback and the tests' cross-check.
+ *
+ * O3 + no-trapping-math let gcc vectorize the lane loops and if-convert exp_neg's selects; neither changes a value
+ * (no reassociation, and contraction stays off in ISO C mode), so vector and scalar iterations give the same bits. */
 #pragma GCC optimize("O3", "no-trapping-math")
 
 #include "kernels/cpu/dense.h"
