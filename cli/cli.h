@@ -13,6 +13,7 @@ int cmd_info(int argc, char **argv);       /* cli/cmd_model.c: parameter counts,
 int cmd_logits(int argc, char **argv);     /* cli/cmd_model.c: logits of a token sequence (checking) */
 int cmd_bench(int argc, char **argv);      /* cli/cmd_bench.c: benchmarks that print figures */
 int cmd_tokenize(int argc, char **argv);   /* cli/cmd_tokenize.c: text -> ids, one line per line (or --decode) */
+int cmd_data(int argc, char **argv);       /* cli/cmd_data.c: generate task datasets, check JSONL datasets */
 
 /* Shared helper: returns 1 when argv holds -h or --help. */
 int cli_wants_help(int argc, char **argv);

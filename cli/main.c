@@ -21,6 +21,7 @@ static const command commands[] = {
     {"logits", cmd_logits, "float32 logits of a token sequence, for checking against other implementations"},
     {"bench", cmd_bench, "benchmarks (model forward/backward throughput against baselines)"},
     {"tokenize", cmd_tokenize, "encode stdin lines to token ids (or --decode ids to text) with a tokenizer.json"},
+    {"data", cmd_data, "generate task datasets (arithmetic, countdown, toolcall) or check a JSONL dataset"},
 };
 
 static void usage(FILE *f) {
