@@ -20,6 +20,7 @@
 
 static const char *const device_values[] = {"cpu", "cuda", NULL};
 static const char *const preset_values[] = {"tiny", NULL};
+static const char *const style_values[] = {"hash", "tags", NULL};
 static const char *const task_values[] = {"arithmetic", "countdown", "toolcall", NULL};
 static const char *const loss_on_values[] = {"completion", "all", NULL};
 static const char *const schedule_values[] = {"cosine", "linear", "constant", NULL};
@@ -99,7 +100,10 @@ static const recipe_field tokenizer_fields[] = {
 static const recipe_field generator_fields[] = {
     {"task", RT_ENUM, .flags = RF_REQUIRED, .values = task_values, .doc = "generated task (as `moerl data gen TASK`)"},
     {"n", RT_INT, .def = "10000", GE(1), .doc = "training rows to generate"},
-    {"difficulty", RT_INT, .def = "1", IN(1, 5), .doc = "difficulty level"},
+    {"difficulty", RT_INT, .def = "0", IN(0, 6),
+     .doc = "difficulty level (0 = the task's default; arithmetic 1-5, countdown 2-6, toolcall 1-3)"},
+    {"style", RT_ENUM, .def = "hash", .values = style_values,
+     .doc = "final-answer format of generated completions: hash (\"... #### 42\") or tags (<think>..</think> <answer>42</answer>)"},
     END,
 };
 

@@ -69,7 +69,7 @@ Test(recipe, minimal_recipe_resolves_with_defaults) {
     cr_expect_eq(recipe_int(r, "tokenizer.train.vocab_size"), 2048);
     cr_expect_eq(recipe_list_len(r, "tokenizer.train.corpus"), 0);
     cr_expect_eq(recipe_int(r, "data.generator.n"), 10000);
-    cr_expect_eq(recipe_int(r, "data.generator.difficulty"), 1);
+    cr_expect_eq(recipe_int(r, "data.generator.difficulty"), 0);
     cr_expect_null(recipe_str(r, "data.template"));
     cr_expect_float_eq(recipe_float(r, "optim.lr"), 3e-4, 1e-18);
     cr_expect_eq(recipe_list_len(r, "optim.betas"), 2);
@@ -320,7 +320,7 @@ static const bad_case bad_cases[] = {
     {"float range, exclusive bounds", "optim:\n  betas: [0.9, 1.0]\n", NULL,
      "bad.yaml:2:16: optim.betas[1]: expected a number >= 0 and < 1, got \"1.0\"", MR_ERANGE},
     {"inclusive range", "data:\n  generator: {task: countdown, difficulty: 9}\n", NULL,
-     "bad.yaml:2:44: data.generator.difficulty: expected an integer between 1 and 5, got \"9\"", MR_ERANGE},
+     "bad.yaml:2:44: data.generator.difficulty: expected an integer between 0 and 6, got \"9\"", MR_ERANGE},
     {"list item weight", "rewards:\n  - math: {}\n    weight: 1\n  - format:\n    weight: high\n", NULL,
      "bad.yaml:5:13: rewards[1].weight: expected a number, got \"high\"", MR_EINVAL},
     {"quoted number", "run:\n  seed: \"5\"\n", NULL,
