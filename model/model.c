@@ -346,6 +346,7 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
     }
     m->T = T;
     m->trained = 0;
+    m->mtp_trained = 0;
     model_loss ls;
     memset(&ls, 0, sizeof ls);
 
@@ -415,6 +416,7 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
         }
     }
     m->trained = train;
+    m->mtp_trained = train ? D : 0;
     rc = MR_OK;
 done:
     mem_free(pos_default);
@@ -593,8 +595,7 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
     BE->matmul_backward(B.dhfin, m->p.g.head, m->logits, m->hfin, m->p.w.head, T, d, V, m->opt.mm);
 
     /* MTP modules, deepest first; module k's block output gradient also receives depth k+1's hnorm gradient */
-    int D = c->num_nextn_predict_layers;
-    if (m->opt.mtp_weight <= 0) D = 0;
+    int D = m->mtp_trained;
     if (D > T - 1) D = T - 1;
     float *dnext = NULL; /* gradient into module k's output hk from module k+1 */
     for (int k = D; k >= 1; k--) {
@@ -653,6 +654,15 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
 done:
     mem_free(pos_default);
     return rc;
+}
+
+int model_policy_grad(model *m, const model_batch *b, const float *coef, mr_err *e) {
+    if (m->trained || b->T != m->T || !b->targets)
+        return err_set(e, MR_EINVAL, "model: policy_grad needs an inference forward (train = 0) of the same batch with targets");
+    BE->xent_forward_backward(NULL, m->logits, m->logits, b->targets, coef, b->T, m->p.cfg.vocab_size);
+    m->trained = 1;
+    m->mtp_trained = 0;
+    return MR_OK;
 }
 
 const float *model_logits(const model *m) { return m->logits; }

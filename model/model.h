@@ -73,6 +73,7 @@ typedef struct model {
     int n_seq;
     int T;                  /* of the latest forward */
     int trained;            /* the latest forward kept gradients of the logits */
+    int mtp_trained;        /* MTP depths whose logits hold gradients (0 after model_policy_grad) */
 } model;
 
 /* Allocates activations for up to T_max tokens around already-initialized params (moved into m: p is zeroed). */
@@ -83,6 +84,12 @@ void model_free(model *m); /* frees the params too; accepts a zeroed or half-bui
 int model_forward(model *m, const model_batch *b, int train, model_loss *loss, mr_err *e);
 /* Backward of the latest training forward: gradients ACCUMULATE into m->p.grad (allocated on first use). */
 int model_backward(model *m, const model_batch *b, mr_err *e);
+
+/* Policy-gradient head (GRPO): after model_forward(m, b, 0, ...) of the same batch with b->targets, turns the
+ * main logits into coef[t]·(softmax − onehot(target[t])) — the gradient of Σ_t coef[t]·CE_t = −Σ_t coef[t]·log p_t
+ * — for rows with a target (others 0), so model_backward then accumulates that gradient. The MTP heads get none;
+ * the balance loss (α > 0) is added by model_backward as in training. Read log-probs from model_logits first. */
+int model_policy_grad(model *m, const model_batch *b, const float *coef, mr_err *e);
 
 /* Main logits (T, V) of the latest forward with train == 0; MTP depth k (1-based) logits (T-k, V). */
 const float *model_logits(const model *m);
