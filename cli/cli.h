@@ -7,6 +7,7 @@
 int cmd_runs(int argc, char **argv);    /* cli/cmd_runs.c: list / show / export the run store */
 int cmd_recipe(int argc, char **argv);  /* cli/cmd_recipe.c: check and print a resolved recipe */
 int cmd_inspect(int argc, char **argv); /* cli/cmd_inspect.c: list a safetensors checkpoint, check a config.json */
+int cmd_sft(int argc, char **argv);     /* cli/cmd_sft.c: supervised fine-tuning from a recipe */
 int cmd_check(int argc, char **argv);   /* cli/cmd_check.c: resolve a recipe, validate its model, log the run */
 int cmd_init_model(int argc, char **argv); /* cli/cmd_model.c: a model initialized from scratch */
 int cmd_info(int argc, char **argv);       /* cli/cmd_model.c: parameter counts, KV-cache bytes */
@@ -14,6 +15,7 @@ int cmd_logits(int argc, char **argv);     /* cli/cmd_model.c: logits of a token
 int cmd_bench(int argc, char **argv);      /* cli/cmd_bench.c: benchmarks that print figures */
 int cmd_tokenize(int argc, char **argv);   /* cli/cmd_tokenize.c: text -> ids, one line per line (or --decode) */
 int cmd_data(int argc, char **argv);       /* cli/cmd_data.c: generate task datasets, check JSONL datasets */
+int cmd_tokenizer(int argc, char **argv);  /* cli/cmd_tokenizer.c: train a byte-level BPE tokenizer */
 
 /* Shared helper: returns 1 when argv holds -h or --help. */
 int cli_wants_help(int argc, char **argv);

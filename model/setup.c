@@ -39,6 +39,8 @@ int model_config_from_recipe(model_config *c, const recipe *r, mr_err *e) {
         *(int *)((char *)c + overrides[i].off) = (int)v;
         any = 1;
     }
+    /* MLA has one K/V head per query head (MODEL-SPEC §1): follow an overridden head count */
+    if (recipe_is_set(r, "model.overrides.num_attention_heads")) c->num_key_value_heads = c->num_attention_heads;
     if (any && !strcmp(which, "checkpoint"))
         return err_set(e, MR_EINVAL, "%s: model.overrides: sizes of a checkpoint cannot be changed", src);
     rc = config_validate(c, "model", e);
