@@ -13,6 +13,7 @@ int cmd_init_model(int argc, char **argv); /* cli/cmd_model.c: a model initializ
 int cmd_info(int argc, char **argv);       /* cli/cmd_model.c: parameter counts, KV-cache bytes */
 int cmd_logits(int argc, char **argv);     /* cli/cmd_model.c: logits of a token sequence (checking) */
 int cmd_bench(int argc, char **argv);      /* cli/cmd_bench.c: benchmarks that print figures */
+int cmd_score(int argc, char **argv);      /* cli/cmd_score.c: reward plugins on samples.jsonl rows */
 int cmd_tokenize(int argc, char **argv);   /* cli/cmd_tokenize.c: text -> ids, one line per line (or --decode) */
 int cmd_data(int argc, char **argv);       /* cli/cmd_data.c: generate task datasets, check JSONL datasets */
 int cmd_tokenizer(int argc, char **argv);  /* cli/cmd_tokenizer.c: train a byte-level BPE tokenizer */

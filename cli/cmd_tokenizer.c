@@ -22,6 +22,7 @@ static void tokenizer_usage(FILE *f) {
             "                       strings of each row (default: jsonl for *.jsonl files, else text)\n"
             "  --vocab N            vocabulary size, added tokens and the 256 bytes included\n"
             "  --min-frequency F    never merge a pair seen fewer than F times (default 2)\n"
+            "  --split-digits       every digit its own pre-token (numbers stay digit by digit; for arithmetic)\n"
             "  --special TOKEN...   extra special tokens, after the default ones: ids 0.. are\n"
             "                       <\uff5cbegin\u2581of\u2581sentence\uff5c> (BOS), <\uff5cend\u2581of\u2581sentence\uff5c> "
             "(EOS, pad),\n"
@@ -63,6 +64,7 @@ static int tokenizer_train(int argc, char **argv) {
     size_t n_corpus = 0, n_added = bpe_n_default_added;
     memcpy(added, bpe_default_added, bpe_n_default_added * sizeof *added);
     long vocab = -1, minf = 2, threads = 0, maxlen = 16384;
+    int split_digits = 0;
     const char *out = NULL, *fmt_name = NULL;
     int rc = 0;
     bpe_trainer *t = NULL;
@@ -90,6 +92,8 @@ static int tokenizer_train(int argc, char **argv) {
         } else if (!strcmp(a, "--model-max-length")) {
             if (!has || parse_long(argv[++i], 1, 1L << 30, &maxlen))
                 rc = misuse("--model-max-length needs a positive integer, got", has ? argv[i] : "nothing");
+        } else if (!strcmp(a, "--split-digits")) {
+            split_digits = 1;
         } else if (!strcmp(a, "--out")) {
             if (!has) rc = misuse("--out needs a DIR", NULL);
             else out = argv[++i];
@@ -113,7 +117,8 @@ static int tokenizer_train(int argc, char **argv) {
                         .added = added,
                         .n_added = n_added,
                         .model_max_length = (int32_t)maxlen,
-                        .threads = (int)threads};
+                        .threads = (int)threads,
+                        .split_digits = split_digits};
     if (bpe_train_new(&t, &o, &e)) goto fail;
     for (size_t i = 0; i < n_corpus; i++) {
         bpe_format fmt = fmt_name ? (!strcmp(fmt_name, "jsonl") ? BPE_JSONL : BPE_TEXT)

@@ -23,6 +23,7 @@ static const command commands[] = {
     {"info", cmd_info, "parameter counts and KV-cache bytes per token of a model or config"},
     {"logits", cmd_logits, "float32 logits of a token sequence, for checking against other implementations"},
     {"bench", cmd_bench, "benchmarks (model forward/backward throughput against baselines)"},
+    {"score", cmd_score, "score samples.jsonl rows with a recipe's reward plugins, one JSON line per row"},
     {"tokenize", cmd_tokenize, "encode stdin lines to token ids (or --decode ids to text) with a tokenizer.json"},
     {"data", cmd_data, "generate task datasets (arithmetic, countdown, toolcall) or check a JSONL dataset"},
     {"tokenizer", cmd_tokenizer, "train a byte-level BPE tokenizer (DeepSeek-V3 pre-tokenizer) on a corpus"},

@@ -1085,7 +1085,8 @@ static const rnode *pick(const rnode *a, const rnode *b) { return (a && a->src >
 /* Rules between fields that a recipe alone decides (before any data or model is read). */
 static int cross_checks(const recipe *r, mr_err *e) {
     /* where the tokenizer comes from */
-    if (!set_at(r, "model.checkpoint") && !set_at(r, "tokenizer.path") && !set_at(r, "tokenizer.train"))
+    if (!set_at(r, "model.checkpoint") && !set_at(r, "tokenizer.path") && !set_at(r, "tokenizer.train") &&
+        !set_at(r, "grpo.init_from"))
         return nerr(r, e, MR_EINVAL, node_at(r, "tokenizer"), "tokenizer",
                     "expected path or train (a model built from a %s has no tokenizer), got neither",
                     set_at(r, "model.config") ? "config" : "preset");

@@ -87,6 +87,8 @@ static const recipe_field tok_train_fields[] = {
     {"vocab_size", RT_INT, .def = "2048", IN(257, 1 << 22), .doc = "vocabulary size, 256 bytes and specials included"},
     {"corpus", RT_LIST, .item = RT_STRING, .def = "[]",
      .doc = "text files to train on ([] = the recipe's training data)"},
+    {"split_digits", RT_BOOL, .def = "false",
+     .doc = "every digit its own pre-token instead of runs of up to 3 (small models learning arithmetic)"},
     END,
 };
 
@@ -216,6 +218,8 @@ static const recipe_field grpo_fields[] = {
     {"overlong", RT_OBJECT, .fields = overlong_fields, .doc = "handling of completions cut at max_new_tokens"},
     {"tis", RT_OBJECT, .fields = tis_fields, .doc = "mismatch correction (truncated importance sampling)"},
     {"eval_every", RT_INT, .def = "10", GE(0), .doc = "steps between evals (0 = only at the end)"},
+    {"bias_update_speed", RT_FLOAT, .def = "0.001", GE(0),
+     .doc = "aux-loss-free router bias update gamma, once per optimizer step"},
     END,
 };
 

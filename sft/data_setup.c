@@ -146,7 +146,8 @@ static int encode_all(tokenizer *tok, const char *tmpl, const gen_rows *rows, co
 /* Trains the recipe's BPE tokenizer on the rendered training rows (template with prompt and completion) plus
  * tokenizer.train.corpus files, and writes it to dir. */
 static int train_tokenizer(const recipe *r, const gen_rows *rows, const char *dir, mr_err *e) {
-    bpe_train_opts o = {.vocab_size = (int32_t)recipe_int(r, "tokenizer.train.vocab_size"), .min_frequency = 2};
+    bpe_train_opts o = {.vocab_size = (int32_t)recipe_int(r, "tokenizer.train.vocab_size"), .min_frequency = 2,
+                        .split_digits = recipe_bool(r, "tokenizer.train.split_digits")};
     bpe_trainer *t = NULL;
     int rc = bpe_train_new(&t, &o, e);
     if (rc) return err_prefix(e, "%s: tokenizer.train", recipe_source(r));

@@ -235,6 +235,7 @@ struct bpe_trainer {
     int32_t vocab_size, model_max_length;
     int64_t min_frequency;
     int threads;
+    int split_digits;
     bpe_added *added; /* own copies of the texts */
     size_t *added_len;
     size_t n_added;
@@ -259,6 +260,9 @@ void bpe_train_free(bpe_trainer *t) {
     mem_free(t->merge);
     mem_free(t);
 }
+
+/* Pre-tokenizer regex k of this trainer: DeepSeek-V3's, digits one by one with split_digits. */
+static const char *regex_at(const bpe_trainer *t, int k) { return k == 0 && t->split_digits ? "\\p{N}" : split_regex[k]; }
 
 int bpe_train_new(bpe_trainer **out, const bpe_train_opts *o, mr_err *e) {
     *out = NULL;
@@ -285,6 +289,7 @@ int bpe_train_new(bpe_trainer **out, const bpe_train_opts *o, mr_err *e) {
     t->min_frequency = o->min_frequency < 1 ? 1 : o->min_frequency;
     t->model_max_length = o->model_max_length > 0 ? o->model_max_length : 16384;
     t->threads = o->threads > 0 ? o->threads : omp_get_max_threads();
+    t->split_digits = o->split_digits;
     t->added = mem_calloc(n_added, sizeof *t->added);
     t->added_len = mem_calloc(n_added, sizeof *t->added_len);
     if (!t->added || !t->added_len) goto nomem;
@@ -299,7 +304,7 @@ int bpe_train_new(bpe_trainer **out, const bpe_train_opts *o, mr_err *e) {
     for (int k = 0; k < 3; k++) {
         int ec;
         PCRE2_SIZE eo;
-        t->re[k] = pcre2_compile((PCRE2_SPTR)split_regex[k], PCRE2_ZERO_TERMINATED,
+        t->re[k] = pcre2_compile((PCRE2_SPTR)regex_at(t, k), PCRE2_ZERO_TERMINATED,
                                  PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &ec, &eo, NULL);
         if (!t->re[k]) {
             PCRE2_UCHAR msg[200];
@@ -1107,7 +1112,7 @@ int bpe_train_json(const bpe_trainer *t, char **tokenizer_json, char **config_js
     cJSON_AddItemToObject(root, "pre_tokenizer", pre);
     cJSON_AddStringToObject(pre, "type", "Sequence");
     cJSON_AddItemToObject(pre, "pretokenizers", seq);
-    for (int k = 0; k < 3; k++) cJSON_AddItemToArray(seq, split_json(split_regex[k]));
+    for (int k = 0; k < 3; k++) cJSON_AddItemToArray(seq, split_json(regex_at(t, k)));
     cJSON_AddItemToArray(seq, bytelevel_json(0, 1, 0));
     cJSON_AddItemToObject(root, "post_processor", post_json(t->added[0].text));
     cJSON_AddItemToObject(root, "decoder", bytelevel_json(1, 1, 1));

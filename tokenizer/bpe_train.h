@@ -48,6 +48,8 @@ typedef struct bpe_train_opts {
     size_t n_added;           /* must be >= 2 when added is given */
     int32_t model_max_length; /* tokenizer_config.json; <= 0: 16384 */
     int threads;              /* word counting threads; <= 0: all cores */
+    int split_digits;         /* every digit its own pre-token (\\p{N}) instead of DeepSeek-V3's runs of up to 3:
+                               * numbers stay digit by digit, which small models need to learn arithmetic */
 } bpe_train_opts;
 
 typedef enum { BPE_TEXT = 0, BPE_JSONL = 1 } bpe_format;
