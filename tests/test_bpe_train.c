@@ -713,3 +713,41 @@ Test(bpe_train, cli) {
     tu_rmtree(dir);
     free(dir);
 }
+
+/* split_digits: every digit is its own pre-token, so no merge ever joins two digits, and the written
+ * tokenizer.json (read back by the loader) encodes a number digit by digit; without it, runs of up to 3 merge. */
+Test(bpe_train, split_digits_keeps_numbers_digit_by_digit) {
+    const char *text = "x=123 y=456 z=123456 w=7890 123 123 456 456 7890 7890\n";
+    for (int split = 0; split < 2; split++) {
+        bpe_train_opts o = {.vocab_size = 400, .min_frequency = 1, .threads = 1, .split_digits = split};
+        bpe_trainer *t = NULL;
+        mr_err e = {0};
+        cr_assert_eq(bpe_train_new(&t, &o, &e), 0, "%s", e.msg);
+        for (int i = 0; i < 20; i++) cr_assert_eq(bpe_train_feed(t, text, strlen(text), &e), 0, "%s", e.msg);
+        cr_assert_eq(bpe_train_fit(t, &e), 0, "%s", e.msg);
+        bpe_train_stats s;
+        bpe_train_get_stats(t, &s);
+        int digit_merges = 0;
+        for (size_t i = 0; i < s.merges; i++) {
+            char buf[256];
+            merge_str(t, i, buf, sizeof buf);
+            int nd = 0;
+            for (char *p = buf; *p; p++) nd += *p >= '0' && *p <= '9';
+            digit_merges += nd >= 2;
+        }
+        if (split) cr_expect_eq(digit_merges, 0, "a merge joins digits with split_digits");
+        else cr_expect_gt(digit_merges, 0, "no digit merge without split_digits: the test cannot tell them apart");
+        char *dir = write_trained(t);
+        tokenizer *tk = NULL;
+        cr_assert_eq(tok_load(&tk, dir, &e), 0, "%s", e.msg);
+        tok_ids ids = {0};
+        cr_assert_eq(tok_encode(tk, "123456", 6, 0, &ids, &e), 0, "%s", e.msg);
+        if (split) cr_expect_eq(ids.n, 6, "123456 encodes to %zu ids", (size_t)ids.n);
+        else cr_expect_lt(ids.n, 6);
+        tok_ids_free(&ids);
+        tok_free(tk);
+        tu_rmtree(dir);
+        free(dir);
+        bpe_train_free(t);
+    }
+}
