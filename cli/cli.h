@@ -7,10 +7,13 @@
 int cmd_runs(int argc, char **argv);    /* cli/cmd_runs.c: list / show / export the run store */
 int cmd_recipe(int argc, char **argv);  /* cli/cmd_recipe.c: check and print a resolved recipe */
 int cmd_inspect(int argc, char **argv); /* cli/cmd_inspect.c: list a safetensors checkpoint, check a config.json */
+int cmd_run(int argc, char **argv);     /* cli/cmd_run.c: SFT then GRPO then the before/after table */
 int cmd_sft(int argc, char **argv);     /* cli/cmd_sft.c: supervised fine-tuning from a recipe */
+int cmd_grpo(int argc, char **argv);    /* cli/cmd_grpo.c: GRPO from a recipe (grpo/trainer.h) */
 int cmd_check(int argc, char **argv);   /* cli/cmd_check.c: resolve a recipe, validate its model, log the run */
 int cmd_init_model(int argc, char **argv); /* cli/cmd_model.c: a model initialized from scratch */
 int cmd_info(int argc, char **argv);       /* cli/cmd_model.c: parameter counts, KV-cache bytes */
+int cmd_generate(int argc, char **argv);   /* cli/cmd_generate.c: sample completions with the rollout engine */
 int cmd_logits(int argc, char **argv);     /* cli/cmd_model.c: logits of a token sequence (checking) */
 int cmd_bench(int argc, char **argv);      /* cli/cmd_bench.c: benchmarks that print figures */
 int cmd_score(int argc, char **argv);      /* cli/cmd_score.c: reward plugins on samples.jsonl rows */

@@ -14,13 +14,16 @@ typedef struct {
 } command;
 
 static const command commands[] = {
+    {"run", cmd_run, "the recipe's whole pipeline: SFT, then GRPO from its checkpoint, then a before/after table"},
     {"sft", cmd_sft, "supervised fine-tuning from a recipe (--resume continues bit-exactly)"},
+    {"grpo", cmd_grpo, "GRPO reinforcement learning from a recipe (--resume continues bit-exactly)"},
     {"check", cmd_check, "resolve a recipe, validate its model config, and record the run in the store"},
     {"recipe", cmd_recipe, "print the resolved recipe (defaults, --set overrides) or report its errors"},
     {"inspect", cmd_inspect, "list the tensors of a safetensors checkpoint or validate a config.json"},
     {"runs", cmd_runs, "list, show and export runs from the run store (runs.db)"},
     {"init-model", cmd_init_model, "write a model initialized from scratch (config.json + safetensors)"},
     {"info", cmd_info, "parameter counts and KV-cache bytes per token of a model or config"},
+    {"generate", cmd_generate, "sample completions of a prompt from a checkpoint (latent KV cache), streamed"},
     {"logits", cmd_logits, "float32 logits of a token sequence, for checking against other implementations"},
     {"bench", cmd_bench, "benchmarks (model forward/backward throughput against baselines)"},
     {"score", cmd_score, "score samples.jsonl rows with a recipe's reward plugins, one JSON line per row"},

@@ -6,6 +6,7 @@
 
 #include "core/mem.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/attention.h"
 
 /* Every kernel call goes through the backend operation table (kernels/backend.h). */
 #define BE (m->be)
@@ -132,6 +133,9 @@ void model_free(model *m) {
     mem_free(m->gp);
     mem_free(m->tgt_k);
     mem_free(m->seq_len);
+    mem_free(m->kv_ptr);
+    mem_free(m->kv_len);
+    mem_free(m->dec_pos);
     params_free(&m->p);
     memset(m, 0, sizeof *m);
 }
@@ -176,7 +180,10 @@ int model_init(model *m, model_params *p, const model_opts *opt, int T_max, mr_e
     m->mtp = mem_calloc((size_t)(c->num_nextn_predict_layers + 1), sizeof *m->mtp);
     m->tgt_k = mem_alloc((size_t)T_max * sizeof(int32_t));
     m->seq_len = mem_alloc((size_t)T_max * sizeof(int));
-    if (!m->acts || !m->mtp || !m->tgt_k || !m->seq_len) goto nomem;
+    m->kv_ptr = mem_alloc(2 * (size_t)T_max * sizeof *m->kv_ptr);
+    m->kv_len = mem_alloc((size_t)T_max * sizeof *m->kv_len);
+    m->dec_pos = mem_alloc((size_t)T_max * sizeof *m->dec_pos);
+    if (!m->acts || !m->mtp || !m->tgt_k || !m->seq_len || !m->kv_ptr || !m->kv_len || !m->dec_pos) goto nomem;
     if (c->n_routed_experts > 0) {
         m->moe = (moe_cfg){
             .d = c->hidden_size, .E = c->n_routed_experts, .K = c->num_experts_per_tok,
@@ -237,9 +244,16 @@ static moe_params layer_moe_params(const model *m, int l) {
 
 /* ------------------------------------------------------------------------------------------ forward */
 
-/* One block: y = x + MLA(norm(x)); y += FFN(norm(y)). x and y (T, d) may not alias. */
+/* 1 when model_forward computes attention in the absorbed form (see model.h): MM_DET on the CPU, no sliding window. */
+static int absorbed_attention(const model *m) {
+    return m->opt.mm == MM_DET && !m->opt.attn_naive && m->be->kind == BACKEND_CPU && m->p.cfg.moerl_swa_window <= 0;
+}
+
+/* One block: y = x + MLA(norm(x)); y += FFN(norm(y)). x and y (T, d) may not alias. cache (decode, main layers
+ * only): row t is the next token of the sequence cached in cache[t]; its latent and RoPE key are appended there and
+ * it attends over that cache. cache == NULL: the rows attend over their own documents in the batch. */
 static int block_forward(model *m, int l, float *y, const float *x, const model_batch *b, const int32_t *pos,
-                         int T, mr_err *e) {
+                         int T, model_kv *const *cache, mr_err *e) {
     const model_config *c = &m->p.cfg;
     const layer_w *w = &m->p.w.layers[l];
     layer_act *a = &m->acts[l];
@@ -266,16 +280,41 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
     }
     BE->rmsnorm_forward(a->cn, a->rstd_kv, a->lat, w->attn.kv_a_norm, T, rkv, eps);
     BE->rope_forward(a->kpe, pos, T, 1, dr, dr, &m->rope);
-    BE->matmul_forward(a->kvb, a->cn, w->attn.kv_b, T, rkv, H * (dn + dv), 0, mm);
-    for (int t = 0; t < T; t++)
-        for (int h = 0; h < H; h++) {
-            const float *src = a->kvb + ((size_t)t * H + h) * (dn + dv);
-            float *kk = a->k + ((size_t)t * H + h) * dqk;
-            memcpy(kk, src, sizeof(float) * dn);
-            memcpy(kk + dn, a->kpe + (size_t)t * dr, sizeof(float) * dr);
-            memcpy(a->v + ((size_t)t * H + h) * dv, src + dn, sizeof(float) * dv);
+    if (!cache) { /* per-head K and V: the backward's inputs (a decode step has no backward) */
+        BE->matmul_forward(a->kvb, a->cn, w->attn.kv_b, T, rkv, H * (dn + dv), 0, mm);
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < H; h++) {
+                const float *src = a->kvb + ((size_t)t * H + h) * (dn + dv);
+                float *kk = a->k + ((size_t)t * H + h) * dqk;
+                memcpy(kk, src, sizeof(float) * dn);
+                memcpy(kk + dn, a->kpe + (size_t)t * dr, sizeof(float) * dr);
+                memcpy(a->v + ((size_t)t * H + h) * dv, src + dn, sizeof(float) * dv);
+            }
+    }
+    if (cache || absorbed_attention(m)) {
+        /* §5.6 absorbed form, one "sequence" per row: a decode row reads its cache (after appending its own entry),
+         * a training row its document's rows doc_start[t]..t of this batch. Identical arithmetic either way. */
+        const float **pc = m->kv_ptr, **pk = m->kv_ptr + T;
+        for (int t = 0; t < T; t++) {
+            if (cache) {
+                model_kv *s = cache[t];
+                float *ck = s->ckv + ((size_t)l * s->cap) * rkv, *kp = s->kpe + ((size_t)l * s->cap) * dr;
+                memcpy(ck + (size_t)s->len * rkv, a->cn + (size_t)t * rkv, sizeof(float) * rkv);
+                memcpy(kp + (size_t)s->len * dr, a->kpe + (size_t)t * dr, sizeof(float) * dr);
+                pc[t] = ck;
+                pk[t] = kp;
+                m->kv_len[t] = s->len + 1;
+            } else {
+                int s0 = b->doc_start ? b->doc_start[t] : 0;
+                pc[t] = a->cn + (size_t)s0 * rkv;
+                pk[t] = a->kpe + (size_t)s0 * dr;
+                m->kv_len[t] = t - s0 + 1;
+            }
         }
-    if (c->moerl_swa_window > 0) {
+        int rc = mla_decode_absorbed_lse(a->att, a->lse, a->q, pc, pk, m->kv_len, w->attn.kv_b, T, H, dn, dr, dv,
+                                         rkv, m->scale, e);
+        if (rc) return err_prefix(e, "layer %d attention", l);
+    } else if (c->moerl_swa_window > 0) {
         int rc = BE->attention_swa_forward(a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H, dqk, dv, m->scale,
                                            c->moerl_swa_window, c->moerl_swa_ratio, e);
         if (rc) return err_prefix(e, "layer %d attention", l);
@@ -352,7 +391,8 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
 
     BE->embedding_forward(m->resid, b->ids, m->p.w.embed, T, d);
     for (int l = 0; l < L; l++) {
-        rc = block_forward(m, l, m->resid + (size_t)(l + 1) * T * d, m->resid + (size_t)l * T * d, b, pos, T, e);
+        rc = block_forward(m, l, m->resid + (size_t)(l + 1) * T * d, m->resid + (size_t)l * T * d, b, pos, T, NULL,
+                           e);
         if (rc) goto done;
     }
     BE->rmsnorm_forward(m->hfin, m->rstd_fin, m->resid + (size_t)L * T * d, m->p.w.final_norm, T, d, eps);
@@ -399,7 +439,7 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
             memcpy(t->cat + (size_t)i * 2 * d + d, t->hn + (size_t)i * d, sizeof(float) * d);
         }
         BE->matmul_forward(t->x0, t->cat, w->eh_proj, Tk, 2 * d, d, 0, m->opt.mm);
-        rc = block_forward(m, l, t->hk, t->x0, b, pos, Tk, e);
+        rc = block_forward(m, l, t->hk, t->x0, b, pos, Tk, NULL, e);
         if (rc) goto done;
         BE->rmsnorm_forward(t->hkn, t->rstd_k, t->hk, w->head_norm, Tk, d, eps);
         BE->matmul_forward(t->logits, t->hkn, m->p.w.head, Tk, d, V, 0, m->opt.mm);
@@ -668,3 +708,88 @@ int model_policy_grad(model *m, const model_batch *b, const float *coef, mr_err 
 const float *model_logits(const model *m) { return m->logits; }
 const float *model_mtp_logits(const model *m, int k) { return m->mtp[k - 1].logits; }
 const int64_t *model_layer_load(const model *m, int l) { return m->acts[l].is_moe ? m->acts[l].moe.load : NULL; }
+const int32_t *model_layer_experts(const model *m, int l) { return m->acts[l].is_moe ? m->acts[l].moe.idx : NULL; }
+
+/* ------------------------------------------------------------------------------------------ latent KV cache */
+
+void model_kv_floats(const model *m, int cap, size_t *ckv, size_t *kpe) {
+    const model_config *c = &m->p.cfg;
+    size_t n = (size_t)c->num_hidden_layers * (size_t)(cap > 0 ? cap : 0);
+    *ckv = n * (size_t)c->kv_lora_rank;
+    *kpe = n * (size_t)c->qk_rope_head_dim;
+}
+
+int model_prefill(model *m, const model_batch *b, model_kv *const *kv, int n_kv, mr_err *e) {
+    const model_config *c = &m->p.cfg;
+    const int L = c->num_hidden_layers, rkv = c->kv_lora_rank, dr = c->qk_rope_head_dim, T = b->T;
+    if (c->moerl_swa_window > 0)
+        return err_set(e, MR_EINVAL, "model: the latent KV cache does not support sliding-window attention");
+    /* documents, in order: check the count and that each fits its cache before running anything */
+    int j = 0;
+    for (int t = 0; t < T; t++) {
+        int s0 = b->doc_start ? b->doc_start[t] : 0;
+        if (s0 != t) continue;
+        int end = t + 1;
+        while (end < T && (b->doc_start ? b->doc_start[end] : 0) == t) end++;
+        if (j >= n_kv) return err_set(e, MR_EINVAL, "model: prefill batch has more than %d documents", n_kv);
+        if (end - t > kv[j]->cap)
+            return err_set(e, MR_ERANGE, "model: prefill document %d has %d tokens, its cache holds %d", j, end - t,
+                           kv[j]->cap);
+        j++;
+    }
+    if (j != n_kv) return err_set(e, MR_EINVAL, "model: prefill batch has %d documents, expected %d", j, n_kv);
+    model_batch pb = *b;
+    pb.targets = NULL;
+    pb.replay = NULL;
+    pb.skip_mtp = 1;
+    int rc = model_forward(m, &pb, 0, NULL, e);
+    if (rc) return rc;
+    j = 0;
+    for (int t = 0; t < T; t++) {
+        int s0 = b->doc_start ? b->doc_start[t] : 0;
+        if (s0 != t) continue;
+        int end = t + 1;
+        while (end < T && (b->doc_start ? b->doc_start[end] : 0) == t) end++;
+        model_kv *s = kv[j++];
+        for (int l = 0; l < L; l++) {
+            const layer_act *a = &m->acts[l];
+            memcpy(s->ckv + (size_t)l * s->cap * rkv, a->cn + (size_t)t * rkv, sizeof(float) * (size_t)(end - t) * rkv);
+            memcpy(s->kpe + (size_t)l * s->cap * dr, a->kpe + (size_t)t * dr, sizeof(float) * (size_t)(end - t) * dr);
+        }
+        s->len = end - t;
+    }
+    return MR_OK;
+}
+
+int model_decode_step(model *m, const int32_t *ids, model_kv *const *kv, int B, mr_err *e) {
+    const model_config *c = &m->p.cfg;
+    const int d = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
+    if (B < 1 || B > m->T_max) return err_set(e, MR_ERANGE, "model: decode batch of %d sequences, expected 1..%d", B, m->T_max);
+    if (c->moerl_swa_window > 0)
+        return err_set(e, MR_EINVAL, "model: the latent KV cache does not support sliding-window attention");
+    for (int i = 0; i < B; i++) {
+        if (ids[i] < 0 || ids[i] >= V)
+            return err_set(e, MR_ERANGE, "model: token %d of decode row %d is outside the vocabulary [0, %d)", ids[i], i, V);
+        if (kv[i]->len >= kv[i]->cap)
+            return err_set(e, MR_ERANGE, "model: decode row %d: its cache is full (%d tokens)", i, kv[i]->cap);
+        if (kv[i]->len >= c->max_position_embeddings)
+            return err_set(e, MR_ERANGE, "model: decode row %d: position %d passes max_position_embeddings %d", i,
+                           kv[i]->len, c->max_position_embeddings);
+        m->dec_pos[i] = kv[i]->len;
+    }
+    m->T = B;
+    m->trained = 0;
+    m->mtp_trained = 0;
+    model_batch b = {.ids = ids, .pos = m->dec_pos, .T = B, .skip_mtp = 1};
+    BE->embedding_forward(m->resid, ids, m->p.w.embed, B, d);
+    for (int l = 0; l < L; l++) {
+        int rc = block_forward(m, l, m->resid + (size_t)(l + 1) * B * d, m->resid + (size_t)l * B * d, &b, m->dec_pos,
+                               B, kv, e);
+        if (rc) return rc;
+    }
+    for (int i = 0; i < B; i++) kv[i]->len++;
+    BE->rmsnorm_forward(m->hfin, m->rstd_fin, m->resid + (size_t)L * B * d, m->p.w.final_norm, B, d,
+                        (float)c->rms_norm_eps);
+    BE->matmul_forward(m->logits, m->hfin, m->p.w.head, B, d, V, 0, m->opt.mm);
+    return MR_OK;
+}

@@ -25,6 +25,8 @@ typedef struct model_opts {
     mm_mode mm;          /* MM_DET: batch-invariant GEMMs (default); MM_FAST: OpenBLAS */
     float mtp_weight;    /* λ; 0 skips the MTP modules in training */
     float balance_alpha; /* α of the sequence-wise balance loss (main-model MoE layers); 0 = off */
+    int attn_naive;      /* 1: keep the non-absorbed training attention even in MM_DET (benchmarks only: the
+                            rollout's log-probs then no longer equal the trainer's bit for bit) */
 } model_opts;
 
 typedef struct model_batch {
@@ -47,6 +49,16 @@ typedef struct model_loss {
     double balance;              /* α·Σ_layers L_bal (already weighted) */
     int64_t n_main, n_mtp[MODEL_MAX_MTP];
 } model_loss;
+
+/* Latent KV cache of one sequence (MODEL-SPEC §5.6, §5.7): per main-model layer and cached token, the normalized
+ * latent c_kv (r_kv) and the rotated shared RoPE key k_pe (d_rope), nothing per head. The caller owns the memory
+ * (model_kv_floats sizes it); token u of layer l is ckv[(l·cap + u)·r_kv], kpe[(l·cap + u)·d_rope]. */
+typedef struct model_kv {
+    float *ckv; /* (L, cap, r_kv) */
+    float *kpe; /* (L, cap, d_rope) */
+    int cap;    /* tokens it can hold */
+    int len;    /* tokens cached (= the position of the next token) */
+} model_kv;
 
 typedef struct layer_act layer_act;
 typedef struct mtp_act mtp_act;
@@ -74,6 +86,9 @@ typedef struct model {
     int T;                  /* of the latest forward */
     int trained;            /* the latest forward kept gradients of the logits */
     int mtp_trained;        /* MTP depths whose logits hold gradients (0 after model_policy_grad) */
+    const float **kv_ptr;   /* (2·T_max) per-row latent / RoPE-key pointers of the absorbed attention */
+    int32_t *kv_len;        /* (T_max) per-row key counts of the absorbed attention */
+    int32_t *dec_pos;       /* (T_max) positions of a decode step */
 } model;
 
 /* Allocates activations for up to T_max tokens around already-initialized params (moved into m: p is zeroed). */
@@ -90,6 +105,33 @@ int model_backward(model *m, const model_batch *b, mr_err *e);
  * — for rows with a target (others 0), so model_backward then accumulates that gradient. The MTP heads get none;
  * the balance loss (α > 0) is added by model_backward as in training. Read log-probs from model_logits first. */
 int model_policy_grad(model *m, const model_batch *b, const float *coef, mr_err *e);
+
+/* ---- Inference on the latent KV cache (the rollout engine, rollout/rollout.c) ----
+ *
+ * Attention form: with MM_DET on the CPU backend (and no sliding window) model_forward computes every attention
+ * output in the absorbed form of §5.6 (mla_decode_absorbed_lse, one row at a time over its document's latents), the
+ * same arithmetic as model_decode_step; every other operation is batch-invariant. So a decode step's logits row
+ * equals, bit for bit, the row of the same token in a model_forward over the whole sequence (alone or packed). In
+ * MM_FAST the forward keeps the non-absorbed flash attention and OpenBLAS GEMMs: close, not bitwise equal. */
+
+/* Floats that one sequence's cache of cap tokens takes in ckv and kpe (each is one allocation). */
+void model_kv_floats(const model *m, int cap, size_t *ckv, size_t *kpe);
+
+/* Prefill: model_forward(train = 0, no MTP) over b (one or more documents packed with doc_start; positions must
+ * start at 0 in each document), then document j's c_kv / k_pe of every main layer are copied into kv[j] at
+ * 0..n_j-1 and kv[j]->len = n_j. The logits (T, V) stay in model_logits (each document's last row predicts its
+ * next token). MR_ERANGE when a document does not fit its cache. */
+int model_prefill(model *m, const model_batch *b, model_kv *const *kv, int n_kv, mr_err *e);
+
+/* One decode step for B sequences (B <= T_max): token ids[b] at position kv[b]->len goes through the main model,
+ * its c_kv / k_pe are appended to kv[b] (len grows by 1) and the logits (B, V) are left in model_logits; the experts
+ * routed in each MoE layer in model_layer_experts. The MTP modules are not run. MR_ERANGE when a cache is full or
+ * a position passes max_position_embeddings; MR_EINVAL with a sliding-window config (not supported here). */
+int model_decode_step(model *m, const int32_t *ids, model_kv *const *kv, int B, mr_err *e);
+
+/* Experts (T, K) chosen for each row in main-model MoE layer l by the latest forward or decode step; NULL for a
+ * dense layer. */
+const int32_t *model_layer_experts(const model *m, int l);
 
 /* Main logits (T, V) of the latest forward with train == 0; MTP depth k (1-based) logits (T-k, V). */
 const float *model_logits(const model *m);

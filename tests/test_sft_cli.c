@@ -198,3 +198,34 @@ Test(sft_cli, bad_dataset_row_names_file_and_line, .init = setup, .fini = teardo
     free(data);
     free(r);
 }
+
+/* moerl run: SFT then GRPO from its checkpoint, then the before/after table read back from the run store. */
+Test(run_cli, sft_then_grpo_then_table, .init = setup, .fini = teardown, .timeout = 150) {
+    char *r = tu_path(dir, "r.yaml"), *out = NULL;
+    char text[8192];
+    snprintf(text, sizeof text,
+             "%s"
+             "grpo: {steps: 2, num_generations: 4, prompts_per_step: 4, mini_batches_per_step: 1,\n"
+             "       micro_batch_tokens: 256, eval_every: 0}\n"
+             "rewards:\n  - math: {extract: hash}\n  - format: {style: regex, pattern: \"[^#]*#### -?[0-9]+\\\\s*\"}\n"
+             "    weight: 0.2\n",
+             recipe_text);
+    cr_assert_eq(tu_write(r, text, (size_t)-1), 0);
+    int st = sh(&out, "cd %s && %s run r.yaml", dir, tu_bin());
+    cr_assert_eq(st, 0, "moerl run failed:\n%s", out);
+    cr_assert(strstr(out, "stage 1/2: SFT"), "%s", out);
+    cr_assert(strstr(out, "stage 2/2: GRPO from runs/sft/step-00000012"), "%s", out);
+    cr_assert(strstr(out, "before/after GRPO"), "no table:\n%s", out);
+    cr_assert(strstr(out, "eval/exact_match"), "%s", out);
+    char p[4096];
+    snprintf(p, sizeof p, "%s/runs/grpo/step-00000002/model.safetensors", dir);
+    cr_assert(exists(p), "no GRPO checkpoint at %s\n%s", p, out);
+    free(out);
+    /* --resume on a finished pipeline runs nothing again and prints the table */
+    st = sh(&out, "cd %s && %s run r.yaml --resume", dir, tu_bin());
+    cr_assert_eq(st, 0, "%s", out);
+    cr_assert(strstr(out, "SFT already finished"), "%s", out);
+    cr_assert(strstr(out, "before/after GRPO"), "%s", out);
+    free(out);
+    free(r);
+}

@@ -11,7 +11,12 @@
  *   v, out (T, H, d_v)
  *   lse (T, H)          log-sum-exp of the scaled scores of each row, saved for the backward
  *   doc_start (T)       optional: token t attends to keys j with doc_start[t] <= j <= t (packed documents);
- *                       NULL = plain causal (doc_start[t] = 0). Needs 0 <= doc_start[t] <= t. */
+ *                       NULL = plain causal (doc_start[t] = 0). Needs 0 <= doc_start[t] <= t.
+ *
+ * Numerics (the same on every CPU and instruction-set path): scores, dout·v and every accumulation use fused
+ * multiply-adds in a fixed sequential order (a score is Σ_c q_c k_c over c ascending; out, dq over keys ascending;
+ * dk, dv over queries ascending in chunks of ATTN_BLOCK), and exp is moerl's own polynomial (attention.c), so the
+ * AVX-512, AVX2+FMA and portable paths give identical bits. */
 #ifndef MOERL_KERNELS_CPU_ATTENTION_H
 #define MOERL_KERNELS_CPU_ATTENTION_H
 
@@ -45,6 +50,15 @@ void attention_backward(float *dq,                // (T, H, d_qk)
                         const int32_t *doc_start, // (T) or NULL
                         int T, int H, int d_qk, int d_v, float scale);
 
+/* Which instruction-set path attention_forward/backward take. ATTN_ISA_AUTO picks the best the CPU supports; the
+ * others force a path (tests and benchmarks; a forced path the CPU lacks falls back to the best one below it).
+ * Every path gives identical bits, so this only changes speed. Not thread-safe: set it before running kernels.
+ * Returns the previous setting. */
+typedef enum { ATTN_ISA_AUTO = 0, ATTN_ISA_GENERIC = 1, ATTN_ISA_AVX2 = 2, ATTN_ISA_AVX512 = 3 } attn_isa;
+attn_isa attention_force_isa(attn_isa isa);
+/* The path attention_forward/backward would take now (never ATTN_ISA_AUTO). */
+attn_isa attention_active_isa(void);
+
 /* Absorbed decode (§5.6) for one new token per sequence b = 0..B-1, over its latent cache of len[b] >= 1 entries
  * (the new token's own entry included, at index len[b]-1):
  *   q̃[h] = W_UK[h]ᵀ q_nope[h];  score[u] = scale·(q̃[h]·c_kv[u] + q_pe[h]·k_rope[u]);  P = softmax(score);
@@ -61,5 +75,18 @@ int mla_decode_absorbed(float *out,                 // (B, H, d_v)
                         const int32_t *len,         // (B)
                         const float *w_kvb,         // (H·(d_nope + d_v), r_kv)
                         int B, int H, int d_nope, int d_rope, int d_v, int r_kv, float scale, mr_err *e);
+
+/* The same, also writing lse[b·H + h] = log Σ_u exp(score[u]) (the scaled scores, as attention_forward's lse) when
+ * lse is non-NULL; out's bits are those of mla_decode_absorbed. The model's MM_DET training forward computes its
+ * attention outputs with this (one "sequence" per row t: its document's latents up to t), so training and decode
+ * run the same arithmetic, and attention_backward (non-absorbed) differentiates the same function from out + lse. */
+int mla_decode_absorbed_lse(float *out,                 // (B, H, d_v)
+                            float *lse,                 // (B, H) or NULL
+                            const float *q,             // (B, H, d_nope + d_rope)
+                            const float *const *c_kv,   // B pointers, each (len[b], r_kv)
+                            const float *const *k_rope, // B pointers, each (len[b], d_rope)
+                            const int32_t *len,         // (B)
+                            const float *w_kvb,         // (H·(d_nope + d_v), r_kv)
+                            int B, int H, int d_nope, int d_rope, int d_v, int r_kv, float scale, mr_err *e);
 
 #endif

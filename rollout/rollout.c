@@ -1,0 +1,499 @@
+/* rollout.c: the rollout engine (see rollout.h): prefill, copy-on-start prefix caches, batched latent decode,
+ * sampling, finish rules.
+ *
+ * The one idea: every sample lives in a cache slot (model_kv) from its first token to its last; a prompt's G
+ * samples are admitted together when G slots are free (the prompt is prefilled once into the first slot and its
+ * rows copied into the other G - 1), every decode step feeds the next token of every live sample through
+ * model_decode_step as one batch, and a finished sample's slot goes back to the free list at once. What a sample
+ * generates depends only on its own tokens (batch-invariant model arithmetic) and on its own Philox stream, so the
+ * schedule (who shares a step with whom) never shows in the results. */
+#include "rollout/rollout.h"
+
+#include <limits.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/mem.h"
+#include "core/rng.h"
+#include "kernels/cpu/dense.h"
+
+rollout_opts rollout_opts_default(void) {
+    return (rollout_opts){.temperature = 1.0f, .top_p = 1.0f, .top_k = 0, .min_p = 0.0f, .max_new_tokens = 256,
+                          .eos = -1};
+}
+
+void rollout_seq_free(rollout_seq *s) {
+    if (!s) return;
+    mem_free(s->tokens);
+    mem_free(s->logp_sampler);
+    mem_free(s->logp);
+    mem_free(s->experts);
+    memset(s, 0, sizeof *s);
+}
+
+/* ------------------------------------------------------------------------------------------ sampler */
+
+static int cand_cmp(const void *pa, const void *pb) {
+    const rollout_cand *a = pa, *b = pb;
+    if (a->e != b->e) return a->e > b->e ? -1 : 1;
+    return (a->id > b->id) - (a->id < b->id);
+}
+
+int rollout_sampler_probs(double *probs, const float *logits, int V, const rollout_opts *o, rollout_cand *work) {
+    if (o->temperature <= 0) {
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (logits[v] > logits[best]) best = v;
+        memset(probs, 0, sizeof(double) * (size_t)V);
+        probs[best] = 1.0;
+        return 1;
+    }
+    const double T = o->temperature;
+    double xmax = -INFINITY;
+    for (int v = 0; v < V; v++) {
+        double x = (double)logits[v] / T;
+        probs[v] = x;
+        if (x > xmax) xmax = x;
+    }
+    for (int v = 0; v < V; v++) probs[v] = exp(probs[v] - xmax);
+    int topk = o->top_k > 0 && o->top_k < V;
+    if (topk || o->top_p < 1.0f) {
+        /* Only an upper set {e >= cut} is sorted: one that surely holds every id top-k / top-p can keep (at least
+         * k ids; or, for top-p alone, more than top_p of the mass, with slack for rounding). Same result as
+         * sorting all V ids, at a fraction of the cost for a large vocabulary. */
+        static const double cuts[] = {1e-3, 1e-6, 1e-12, 0};
+        double zall = 0;
+        for (int v = 0; v < V; v++) zall += probs[v];
+        int n = 0;
+        for (size_t ci = 0; ci < sizeof cuts / sizeof cuts[0]; ci++) {
+            double s = 0;
+            n = 0;
+            for (int v = 0; v < V; v++)
+                if (probs[v] >= cuts[ci]) {
+                    work[n++] = (rollout_cand){probs[v], v};
+                    s += probs[v];
+                }
+            if (topk ? n >= o->top_k : s >= (double)o->top_p * zall * (1 + 1e-9) + 1e-300) break;
+        }
+        qsort(work, (size_t)n, sizeof *work, cand_cmp);
+        int keep = topk && o->top_k < n ? o->top_k : n;
+        if (o->top_p < 1.0f) {
+            double z = 0, cum = 0, lim;
+            if (topk)
+                for (int i = 0; i < keep; i++) z += work[i].e;
+            else
+                z = zall;
+            lim = (double)o->top_p * z;
+            for (int i = 0; i < keep; i++) {
+                if (cum >= lim) {
+                    keep = i;
+                    break;
+                }
+                cum += work[i].e;
+            }
+        }
+        memset(probs, 0, sizeof(double) * (size_t)V);
+        for (int i = 0; i < keep; i++) probs[work[i].id] = work[i].e;
+    }
+    if (o->min_p > 0)
+        for (int v = 0; v < V; v++)
+            if (probs[v] < (double)o->min_p) probs[v] = 0;
+    double z = 0;
+    int kept = 0;
+    for (int v = 0; v < V; v++) {
+        z += probs[v];
+        kept += probs[v] > 0;
+    }
+    for (int v = 0; v < V; v++) probs[v] /= z;
+    return kept;
+}
+
+int32_t rollout_sample_row(const double *probs, int V, double u, float *logp_sampler) {
+    double cum = 0;
+    int last = -1;
+    for (int v = 0; v < V; v++) {
+        if (probs[v] <= 0) continue;
+        cum += probs[v];
+        last = v;
+        if (u < cum) break;
+    }
+    if (last < 0) last = 0; /* cannot happen: the largest logit always keeps its mass */
+    *logp_sampler = (float)log(probs[last]);
+    return last;
+}
+
+double rollout_uniform(uint64_t seed, int64_t prompt_id, int g, int i) {
+    uint32_t w[4];
+    rng_block(seed, rng_stream_id(ROLLOUT_RNG_PURPOSE, (uint64_t)prompt_id, (uint64_t)g), (uint64_t)i, w);
+    return ((double)(w[0] >> 5) * 67108864.0 + (double)(w[1] >> 6)) * (1.0 / 9007199254740992.0);
+}
+
+/* ------------------------------------------------------------------------------------------ engine */
+
+typedef struct sample {
+    int p, g;      /* prompt, sample index */
+    int slot;      /* cache slot while live, -1 otherwise */
+    int cap;       /* capacity of the out arrays */
+    int32_t next;  /* the token the next decode step feeds */
+    char *text;    /* completion bytes (only with stop strings) */
+    size_t text_len, text_cap;
+} sample;
+
+typedef struct engine {
+    model *m;
+    const tokenizer *tok;
+    const rollout_opts *o;
+    const int64_t *pid;
+    rollout_seq *out;
+    sample *s;
+    int G, V, n_moe, K, max_stop;
+    int *moe_layers;       /* (n_moe) main-model MoE layer indices */
+    model_kv *slots;       /* (n_slots) */
+    float *cache;          /* every slot's ckv and kpe */
+    int *free_slots, n_free;
+    /* per row of a forward: which sample, and what it drew */
+    int *row_seq;          /* (T_max) */
+    int *row_at;           /* (T_max) logits row */
+    int32_t *row_tok;      /* (T_max) */
+    float *row_lps, *row_lp;
+    double *probs;         /* (threads, V) */
+    rollout_cand *cand;    /* (threads, V) */
+    int nthr;
+} engine;
+
+/* Grows sample q's arrays to hold one more token. */
+static int seq_reserve(engine *E, int q) {
+    rollout_seq *r = &E->out[q];
+    sample *s = &E->s[q];
+    if (r->n < s->cap) return MR_OK;
+    int cap = s->cap ? 2 * s->cap : 16;
+    if (cap > E->o->max_new_tokens) cap = E->o->max_new_tokens;
+    int32_t *t = mem_realloc(r->tokens, sizeof(int32_t) * (size_t)cap);
+    if (!t) return MR_ENOMEM;
+    r->tokens = t;
+    float *a = mem_realloc(r->logp_sampler, sizeof(float) * (size_t)cap);
+    if (!a) return MR_ENOMEM;
+    r->logp_sampler = a;
+    float *b = mem_realloc(r->logp, sizeof(float) * (size_t)cap);
+    if (!b) return MR_ENOMEM;
+    r->logp = b;
+    if (E->o->record_experts && E->n_moe) {
+        int32_t *x = mem_realloc(r->experts, sizeof(int32_t) * (size_t)cap * (size_t)E->n_moe * (size_t)E->K);
+        if (!x) return MR_ENOMEM;
+        r->experts = x;
+    }
+    s->cap = cap;
+    return MR_OK;
+}
+
+/* Samples the rows 0..n-1 of the latest forward: row i is the logits row row_at[i] of sample row_seq[i]. */
+static void sample_rows(engine *E, int n) {
+    const float *logits = model_logits(E->m);
+    const int V = E->V;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(E->nthr) if (n > 1)
+    for (int i = 0; i < n; i++) {
+        int th = omp_get_thread_num();
+        double *pr = E->probs + (size_t)th * V;
+        rollout_cand *cd = E->cand + (size_t)th * V;
+        const sample *s = &E->s[E->row_seq[i]];
+        const float *row = logits + (size_t)E->row_at[i] * V;
+        rollout_sampler_probs(pr, row, V, E->o, cd);
+        double u = rollout_uniform(E->o->seed, E->pid[s->p], s->g, E->out[E->row_seq[i]].n);
+        int32_t t = rollout_sample_row(pr, V, u, &E->row_lps[i]);
+        E->row_tok[i] = t;
+        logprob_forward(&E->row_lp[i], row, &t, 1, V);
+    }
+}
+
+static int stop_hit(engine *E, int q, int32_t t) {
+    sample *s = &E->s[q];
+    size_t n = 0;
+    const char *bytes = tok_token_bytes(E->tok, t, &n);
+    if (!bytes) n = 0;
+    if (s->text_len + n + 1 > s->text_cap) {
+        size_t cap = 2 * (s->text_len + n + 1) + 64;
+        char *x = mem_realloc(s->text, cap);
+        if (!x) return -1;
+        s->text = x;
+        s->text_cap = cap;
+    }
+    size_t old = s->text_len;
+    if (n) memcpy(s->text + old, bytes, n);
+    s->text_len += n;
+    for (int k = 0; k < E->o->n_stop; k++) {
+        size_t L = strlen(E->o->stop[k]);
+        if (L > s->text_len) continue;
+        /* only occurrences that end inside the new token's bytes are new */
+        size_t from = old + 1 > L ? old + 1 - L : 0;
+        if (memmem(s->text + from, s->text_len - from, E->o->stop[k], L)) return 1;
+    }
+    return 0;
+}
+
+/* Appends row i's draw to its sample; returns 1 when the sample finished (its slot is released), 0 if it goes on,
+ * or a negative status. */
+static int take_row(engine *E, int i) {
+    const int q = E->row_seq[i];
+    rollout_seq *r = &E->out[q];
+    sample *s = &E->s[q];
+    if (seq_reserve(E, q)) return MR_ENOMEM;
+    int32_t t = E->row_tok[i];
+    r->tokens[r->n] = t;
+    r->logp_sampler[r->n] = E->row_lps[i];
+    r->logp[r->n] = E->row_lp[i];
+    if (r->experts) {
+        int32_t *dst = r->experts + (size_t)r->n * E->n_moe * E->K;
+        for (int j = 0; j < E->n_moe; j++)
+            memcpy(dst + (size_t)j * E->K, model_layer_experts(E->m, E->moe_layers[j]) + (size_t)E->row_at[i] * E->K,
+                   sizeof(int32_t) * (size_t)E->K);
+    }
+    r->n++;
+    if (E->o->on_token) E->o->on_token(E->o->on_token_ctx, q, t);
+    int fin = -1;
+    if (E->o->eos >= 0 && t == E->o->eos) fin = ROLLOUT_EOS;
+    else if (E->o->n_stop > 0) {
+        int h = stop_hit(E, q, t);
+        if (h < 0) return MR_ENOMEM;
+        if (h) fin = ROLLOUT_STOP;
+    }
+    if (fin < 0 && r->n >= E->o->max_new_tokens) fin = ROLLOUT_LENGTH;
+    if (fin < 0) {
+        s->next = t;
+        return 0;
+    }
+    r->finish = (rollout_finish)fin;
+    r->truncated = fin == ROLLOUT_LENGTH;
+    mem_free(s->text);
+    s->text = NULL;
+    if (s->slot >= 0) E->free_slots[E->n_free++] = s->slot;
+    s->slot = -1;
+    return 1;
+}
+
+static int check_opts(const model *m, const tokenizer *tok, const int *plen, int n_prompts, int G,
+                      const rollout_opts *o, mr_err *e) {
+    const model_config *c = &m->p.cfg;
+    if (n_prompts < 0 || G < 1)
+        return err_set(e, MR_EINVAL, "rollout: expected n_prompts >= 0 and G >= 1, got %d and %d", n_prompts, G);
+    if (n_prompts > INT_MAX / G) return err_set(e, MR_ERANGE, "rollout: %d prompts x %d samples overflow", n_prompts, G);
+    if (!(o->temperature >= 0) || !isfinite(o->temperature))
+        return err_set(e, MR_EINVAL, "rollout: temperature must be a finite number >= 0, got %g", (double)o->temperature);
+    if (!(o->top_p > 0 && o->top_p <= 1))
+        return err_set(e, MR_EINVAL, "rollout: top_p must be in (0, 1], got %g", (double)o->top_p);
+    if (o->top_k < 0) return err_set(e, MR_EINVAL, "rollout: top_k must be >= 0, got %d", o->top_k);
+    if (!(o->min_p >= 0 && o->min_p <= 1))
+        return err_set(e, MR_EINVAL, "rollout: min_p must be in [0, 1], got %g", (double)o->min_p);
+    if (o->max_new_tokens < 0)
+        return err_set(e, MR_EINVAL, "rollout: max_new_tokens must be >= 0, got %d", o->max_new_tokens);
+    if (o->n_stop < 0 || (o->n_stop > 0 && !o->stop))
+        return err_set(e, MR_EINVAL, "rollout: n_stop = %d needs that many stop strings", o->n_stop);
+    if (o->n_stop > 0 && !tok) return err_set(e, MR_EINVAL, "rollout: stop strings need a tokenizer");
+    for (int k = 0; k < o->n_stop; k++)
+        if (!o->stop[k] || !o->stop[k][0]) return err_set(e, MR_EINVAL, "rollout: stop string %d is empty", k);
+    if (o->eos >= c->vocab_size)
+        return err_set(e, MR_EINVAL, "rollout: eos id %d is outside the vocabulary [0, %d)", o->eos, c->vocab_size);
+    if (o->mtp_speculative)
+        return err_set(e, MR_EINVAL, "rollout: MTP speculative decoding is not implemented yet");
+    if (c->moerl_swa_window > 0)
+        return err_set(e, MR_EINVAL, "rollout: the latent KV cache does not support sliding-window attention");
+    if (G > m->T_max)
+        return err_set(e, MR_ERANGE, "rollout: G = %d samples of a prompt must fit one decode batch (T_max = %d)", G,
+                       m->T_max);
+    for (int p = 0; p < n_prompts; p++) {
+        if (plen[p] < 1) return err_set(e, MR_EINVAL, "rollout: prompt %d is empty", p);
+        if (plen[p] > m->T_max)
+            return err_set(e, MR_ERANGE, "rollout: prompt %d has %d tokens; the prefill holds T_max = %d", p, plen[p],
+                           m->T_max);
+        if ((long)plen[p] + o->max_new_tokens > c->max_position_embeddings)
+            return err_set(e, MR_ERANGE, "rollout: prompt %d: %d tokens + max_new_tokens %d pass max_position_embeddings %d",
+                           p, plen[p], o->max_new_tokens, c->max_position_embeddings);
+    }
+    return MR_OK;
+}
+
+static void engine_free(engine *E) {
+    mem_free(E->moe_layers);
+    mem_free(E->slots);
+    mem_free_aligned(E->cache);
+    mem_free(E->free_slots);
+    mem_free(E->row_seq);
+    mem_free(E->row_at);
+    mem_free(E->row_tok);
+    mem_free(E->row_lps);
+    mem_free(E->row_lp);
+    mem_free(E->probs);
+    mem_free(E->cand);
+}
+
+int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *prompts, const int *plen,
+                     const int64_t *prompt_ids, int n_prompts, int G, const rollout_opts *o, rollout_seq *out,
+                     mr_err *e) {
+    int rc = check_opts(m, tok, plen, n_prompts, G, o, e);
+    if (rc) return rc;
+    const model_config *c = &m->p.cfg;
+    const int L = c->num_hidden_layers, Tm = m->T_max, n_seq = n_prompts * G;
+    engine E;
+    memset(&E, 0, sizeof E);
+    E.m = m;
+    E.tok = tok;
+    E.o = o;
+    E.pid = prompt_ids;
+    E.out = out;
+    E.G = G;
+    E.V = c->vocab_size;
+    for (int l = 0; l < L; l++) E.n_moe += m->p.w.layers[l].is_moe;
+    E.K = E.n_moe ? c->num_experts_per_tok : 0;
+    for (int q = 0; q < n_seq; q++) {
+        memset(&out[q], 0, sizeof out[q]);
+        out[q].n_moe_layers = E.n_moe;
+        out[q].K = E.K;
+    }
+    if (n_seq == 0) return MR_OK;
+    if (o->max_new_tokens == 0) {
+        for (int q = 0; q < n_seq; q++) {
+            out[q].finish = ROLLOUT_LENGTH;
+            out[q].truncated = 1;
+        }
+        return MR_OK;
+    }
+    int max_plen = 0;
+    for (int p = 0; p < n_prompts; p++)
+        if (plen[p] > max_plen) max_plen = plen[p];
+    const int cap = max_plen + o->max_new_tokens - 1; /* the last token is never fed back */
+    const int n_slots = n_seq < Tm ? n_seq : Tm;
+    size_t fc, fk, per;
+    model_kv_floats(m, cap, &fc, &fk);
+    per = (fc + 15) / 16 * 16 + (fk + 15) / 16 * 16;
+    E.nthr = omp_get_max_threads();
+    E.s = mem_calloc((size_t)n_seq, sizeof *E.s);
+    E.moe_layers = mem_alloc(sizeof(int) * (size_t)(E.n_moe + 1));
+    E.slots = mem_calloc((size_t)n_slots, sizeof *E.slots);
+    E.cache = mem_alloc_aligned(sizeof(float) * per * (size_t)n_slots);
+    E.free_slots = mem_alloc(sizeof(int) * (size_t)n_slots);
+    E.row_seq = mem_alloc(sizeof(int) * (size_t)Tm);
+    E.row_at = mem_alloc(sizeof(int) * (size_t)Tm);
+    E.row_tok = mem_alloc(sizeof(int32_t) * (size_t)Tm);
+    E.row_lps = mem_alloc(sizeof(float) * (size_t)Tm);
+    E.row_lp = mem_alloc(sizeof(float) * (size_t)Tm);
+    E.probs = mem_alloc(sizeof(double) * (size_t)E.V * (size_t)E.nthr);
+    E.cand = mem_alloc(sizeof(rollout_cand) * (size_t)E.V * (size_t)E.nthr);
+    /* prefill batch and decode batch buffers */
+    int32_t *ids = mem_alloc(sizeof(int32_t) * 3 * (size_t)Tm);
+    model_kv **kvp = mem_alloc(sizeof(model_kv *) * (size_t)Tm);
+    int *live = mem_alloc(sizeof(int) * (size_t)n_slots);
+    if (!E.s || !E.moe_layers || !E.slots || !E.cache || !E.free_slots || !E.row_seq || !E.row_at || !E.row_tok ||
+        !E.row_lps || !E.row_lp || !E.probs || !E.cand || !ids || !kvp || !live) {
+        rc = err_set(e, MR_ENOMEM, "rollout: out of memory (%d sequences, %d cache slots of %d tokens)", n_seq,
+                     n_slots, cap);
+        goto fail;
+    }
+    int32_t *pos = ids + Tm, *doc = ids + 2 * Tm;
+    for (int l = 0, j = 0; l < L; l++)
+        if (m->p.w.layers[l].is_moe) E.moe_layers[j++] = l;
+    for (int i = 0; i < n_slots; i++) {
+        float *base = E.cache + per * (size_t)i;
+        E.slots[i] = (model_kv){.ckv = base, .kpe = base + (fc + 15) / 16 * 16, .cap = cap, .len = 0};
+        E.free_slots[i] = n_slots - 1 - i; /* pop order: slot 0 first */
+    }
+    E.n_free = n_slots;
+    for (int q = 0; q < n_seq; q++) {
+        E.s[q].p = q / G;
+        E.s[q].g = q % G;
+        E.s[q].slot = -1;
+    }
+    int next_p = 0, n_live = 0;
+    for (;;) {
+        /* admit whole prompts while G slots are free: one packed prefill, then copy-on-start */
+        while (next_p < n_prompts && E.n_free >= G) {
+            int T = 0, np = 0, first = next_p;
+            while (next_p < n_prompts && E.n_free - np * G >= G && T + plen[next_p] <= Tm) {
+                const int p = next_p++;
+                for (int j = 0; j < plen[p]; j++) {
+                    ids[T + j] = prompts[p][j];
+                    pos[T + j] = j;
+                    doc[T + j] = T;
+                }
+                const int q0 = p * G;
+                for (int g = 0; g < G; g++) E.s[q0 + g].slot = E.free_slots[--E.n_free];
+                kvp[np++] = &E.slots[E.s[q0].slot];
+                T += plen[p];
+            }
+            model_batch b = {.ids = ids, .pos = pos, .doc_start = doc, .T = T, .skip_mtp = 1};
+            if ((rc = model_prefill(m, &b, kvp, np, e))) goto fail;
+            const size_t fl = (size_t)c->kv_lora_rank, kl = (size_t)c->qk_rope_head_dim;
+            int n = 0, end = 0;
+            for (int p = first; p < first + np; p++) {
+                const model_kv *src = &E.slots[E.s[p * G].slot];
+                end += plen[p];
+                for (int g = 0; g < G; g++) {
+                    const int q = p * G + g;
+                    if (g > 0) {
+                        model_kv *dst = &E.slots[E.s[q].slot];
+                        for (int l = 0; l < L; l++) {
+                            memcpy(dst->ckv + (size_t)l * cap * fl, src->ckv + (size_t)l * cap * fl,
+                                   sizeof(float) * (size_t)plen[p] * fl);
+                            memcpy(dst->kpe + (size_t)l * cap * kl, src->kpe + (size_t)l * cap * kl,
+                                   sizeof(float) * (size_t)plen[p] * kl);
+                        }
+                        dst->len = src->len;
+                    }
+                    E.row_seq[n] = q;
+                    E.row_at[n] = end - 1;
+                    n++;
+                }
+            }
+            sample_rows(&E, n);
+            for (int i = 0; i < n; i++) {
+                int r = take_row(&E, i);
+                if (r < 0) {
+                    rc = err_set(e, r, "rollout: out of memory for the outputs");
+                    goto fail;
+                }
+                if (r == 0) live[n_live++] = E.row_seq[i];
+            }
+        }
+        if (n_live == 0) {
+            if (next_p >= n_prompts) break;
+            continue;
+        }
+        /* one decode step over every live sample */
+        for (int i = 0; i < n_live; i++) {
+            const int q = live[i];
+            ids[i] = E.s[q].next;
+            kvp[i] = &E.slots[E.s[q].slot];
+            E.row_seq[i] = q;
+            E.row_at[i] = i;
+        }
+        if ((rc = model_decode_step(m, ids, kvp, n_live, e))) goto fail;
+        sample_rows(&E, n_live);
+        int kept = 0;
+        for (int i = 0; i < n_live; i++) {
+            int r = take_row(&E, i);
+            if (r < 0) {
+                rc = err_set(e, r, "rollout: out of memory for the outputs");
+                goto fail;
+            }
+            if (r == 0) live[kept++] = E.row_seq[i];
+        }
+        n_live = kept;
+    }
+    rc = MR_OK;
+    goto done;
+fail:
+    for (int q = 0; q < n_seq; q++) {
+        rollout_seq_free(&out[q]);
+        out[q].n_moe_layers = E.n_moe;
+        out[q].K = E.K;
+    }
+done:
+    if (E.s)
+        for (int q = 0; q < n_seq; q++) mem_free(E.s[q].text);
+    mem_free(E.s);
+    engine_free(&E);
+    mem_free(ids);
+    mem_free(kvp);
+    mem_free(live);
+    return rc;
+}
