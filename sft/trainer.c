@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/mem.h"
+#include "core/sha256.h"
 #include "core/progress.h"
 #include "core/rng.h"
 #include "kernels/cpu/moe.h"
@@ -326,7 +327,10 @@ int sft_train(model *m, const sft_example *ex, size_t n_ex, const sft_cfg *cfg, 
             sj = NULL;
             if (hooks && hooks->rs) {
                 mr_err e2 = {0};
-                runstore_log_checkpoint(hooks->rs, hooks->run_id, st.step, path, NULL, &e2);
+                char model_file[4300], hex[65];
+                snprintf(model_file, sizeof model_file, "%s/model.safetensors", path);
+                int have = sha256_file(model_file, hex, &e2) == 0;
+                runstore_log_checkpoint(hooks->rs, hooks->run_id, st.step, path, have ? hex : NULL, &e2);
             }
         }
         if (cfg->stop_after > 0 && done_here >= cfg->stop_after) break;

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 
 #include "core/runstore.h"
+#include "core/sha256.h"
 #include "tests/testutil.h"
 
 /* 40 generated rows, 8 per step: an epoch is 5 steps; checkpoints every 5 steps fall on epoch boundaries. */
@@ -75,6 +76,22 @@ static int on_metric(void *ud, int64_t step, const char *name, double value) {
     return 0;
 }
 
+typedef struct {
+    char sha[65];
+    char path[4096];
+    int64_t step;
+} last_ckpt;
+
+static int on_ckpt(void *ud, const runstore_checkpoint *c) {
+    last_ckpt *l = ud;
+    if (c->step > l->step) {
+        l->step = c->step;
+        snprintf(l->sha, sizeof l->sha, "%s", c->sha256 ? c->sha256 : "");
+        snprintf(l->path, sizeof l->path, "%s", c->path);
+    }
+    return 0;
+}
+
 static metrics read_metrics(const char *db) {
     metrics m;
     memset(&m, 0, sizeof m);
@@ -105,6 +122,18 @@ Test(sft_cli, train_checkpoint_store, .init = setup, .fini = teardown) {
     for (int s = 1; s <= 12; s++) cr_assert(m.seen[s], "no train/loss at step %d", s);
     cr_assert_lt(m.loss[12], m.loss[1], "loss did not fall: %g -> %g", m.loss[1], m.loss[12]);
     cr_assert_eq(m.evals, 2, "eval/exact_match logged %d times, expected 2 (steps 6, 12)", m.evals);
+    /* the store's checkpoint row carries the SHA-256 of the weights file */
+    runstore *rs = NULL;
+    mr_err e = {0};
+    last_ckpt lc = {.step = -1};
+    cr_assert_eq(runstore_open_existing(&rs, db, &e), 0, "%s", e.msg);
+    cr_assert_eq(runstore_foreach_checkpoint(rs, 1, on_ckpt, &lc, &e), 0, "%s", e.msg);
+    runstore_close(rs);
+    cr_assert_eq(lc.step, 12);
+    char want[65], wpath[8300];
+    snprintf(wpath, sizeof wpath, "%s/%s/model.safetensors", dir, lc.path);
+    cr_assert_eq(sha256_file(wpath, want, &e), 0, "%s", e.msg);
+    cr_assert_str_eq(lc.sha, want);
     /* the checkpoint loads back as a model */
     cr_assert_eq(sh(&out, "%s info %s/runs/step-00000012", tu_bin(), dir), 0, "%s", out);
     free(out);
