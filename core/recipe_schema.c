@@ -80,6 +80,8 @@ static const recipe_field model_fields[] = {
     {"checkpoint", RT_STRING, .flags = RF_ONEOF, .doc = "HF-format checkpoint directory to start from"},
     {"overrides", RT_OBJECT, .fields = override_fields,
      .doc = "size fields replacing the preset's or config's (not allowed with a checkpoint)"},
+    {"init_std", RT_FLOAT, .def = "0.006", GT(0),
+     .doc = "std of the normal init of a model trained from scratch (DeepSeek-V3: 0.006; norm gains are 1)"},
     END,
 };
 

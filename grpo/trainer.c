@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "core/mem.h"
+#include "core/sha256.h"
 #include "core/progress.h"
 #include "core/rng.h"
 #include "core/runstore.h"
@@ -116,6 +117,7 @@ typedef struct sample {
     float adv;
     uint8_t scored, in_loss;
     float *lp_ref, *lp_old;  /* (seq.n) reference / trainer-recomputed old log-probs, or NULL */
+    int32_t *route;          /* (prompt + seq.n rows, n_moe, K) experts the policy forwards replay, or NULL */
 } sample;
 
 typedef struct state {
@@ -146,8 +148,21 @@ typedef struct job {
     double values[512];
     char store[512][80];
     size_t n_metrics;
-    int warned_replay;
+    /* routing replay */
+    int n_moe, K;            /* MoE layers of the main model, experts per token */
+    int *moe_layers;         /* (n_moe) their layer indices, ascending */
+    const int32_t **replay;  /* (n_layers + MTP depths) model_batch.replay of the current micro-batch */
+    int32_t *replay_buf;     /* (n_moe, T_cap, K) */
+    int iteration;           /* policy iteration of the current update (the probe) */
 } job;
+
+static grpo_probe_fn probe_fn;
+static void *probe_ctx;
+
+void grpo_set_probe(grpo_probe_fn fn, void *ctx) {
+    probe_fn = fn;
+    probe_ctx = ctx;
+}
 
 static void put(job *J, const char *name, double v) {
     if (J->n_metrics >= 512) return;
@@ -164,6 +179,7 @@ static void sample_clear(sample *s) {
     mem_free(s->pp);
     mem_free(s->lp_ref);
     mem_free(s->lp_old);
+    mem_free(s->route);
     memset(s, 0, sizeof *s);
 }
 
@@ -350,9 +366,9 @@ static int micro_end(const job *J, const int *list, int from, int n) {
 }
 
 /* Forward (inference form) of a packed micro-batch; log-probs of every target row into mb->lp. */
-static int forward_logp(model *m, micro *mb, model_batch *b, mr_err *e) {
-    *b = (model_batch){.ids = mb->ids, .pos = mb->pos, .doc_start = mb->doc, .targets = mb->tgt, .T = mb->T,
-                       .skip_mtp = 1};
+static int forward_logp(model *m, micro *mb, const int32_t *const *replay, model_batch *b, mr_err *e) {
+    *b = (model_batch){.ids = mb->ids, .pos = mb->pos, .doc_start = mb->doc, .targets = mb->tgt, .replay = replay,
+                       .T = mb->T, .skip_mtp = 1};
     model_loss ls;
     int rc = model_forward(m, b, 0, &ls, e);
     if (rc) return rc;
@@ -360,15 +376,52 @@ static int forward_logp(model *m, micro *mb, model_batch *b, mr_err *e) {
     return MR_OK;
 }
 
-/* Log-probs of every sample of list under model m into the sample's lp_ref (ref = 1) or lp_old (ref = 0). */
-static int logprob_pass(job *J, model *m, const int *list, int n, int ref, micro *mb, mr_err *e) {
+/* Routing replay: the experts of sample s's rows in the latest forward of m (s's first row at row `start`) into
+ * s->route, then its completion rows from the rollout (the rows whose logits sampled each token). */
+static int capture_route(job *J, const model *m, sample *s, int start, mr_err *e) {
+    const int plen = J->D.train[s->prompt].n, rows = plen + s->seq.n, nk = J->n_moe * J->K;
+    if (!s->seq.experts || s->seq.n_moe_layers != J->n_moe || s->seq.K != J->K)
+        return err_set(e, MR_EINTERNAL, "grpo: routing replay: the rollout recorded no experts (%d MoE layers x %d, "
+                                        "expected %d x %d)", s->seq.n_moe_layers, s->seq.K, J->n_moe, J->K);
+    if (!s->route && !(s->route = mem_alloc((size_t)rows * nk * sizeof(int32_t))))
+        return err_set(e, MR_ENOMEM, "grpo: out of memory for the routing replay table");
+    for (int j = 0; j < J->n_moe; j++) {
+        const int32_t *ex = model_layer_experts(m, J->moe_layers[j]);
+        for (int r = 0; r < rows; r++)
+            memcpy(s->route + ((size_t)r * J->n_moe + j) * J->K, ex + (size_t)(start + r) * J->K, J->K * sizeof(int32_t));
+    }
+    memcpy(s->route + (size_t)(plen - 1) * nk, s->seq.experts, (size_t)s->seq.n * nk * sizeof(int32_t));
+    return MR_OK;
+}
+
+/* The micro-batch's model_batch.replay from its samples' tables. */
+static const int32_t *const *replay_of(job *J, const micro *mb, const int *list) {
+    const int nk = J->n_moe * J->K;
+    for (int j = 0; j < J->n_moe; j++) J->replay[J->moe_layers[j]] = J->replay_buf + (size_t)j * J->T_cap * J->K;
+    for (int k = 0; k < mb->count; k++) {
+        const sample *s = &J->S[list[mb->first + k]];
+        int plen = J->D.train[s->prompt].n, start = mb->row0[k] - (plen - 1);
+        for (int r = 0; r < plen + s->seq.n; r++)
+            for (int j = 0; j < J->n_moe; j++)
+                memcpy(J->replay_buf + ((size_t)j * J->T_cap + start + r) * J->K, s->route + (size_t)r * nk + (size_t)j * J->K,
+                       J->K * sizeof(int32_t));
+    }
+    return J->replay;
+}
+
+/* Log-probs of every sample of list under model m into the sample's lp_ref (ref = 1) or lp_old (ref = 0, when
+ * want_lp), and with route the samples' routing replay tables (m = the policy at the step's start). */
+static int logprob_pass(job *J, model *m, const int *list, int n, int ref, int want_lp, int route, micro *mb,
+                        mr_err *e) {
     for (int a = 0; a < n;) {
         int b_end = micro_end(J, list, a, n), rc;
         if ((rc = micro_pack(J, mb, list, a, b_end - a, e))) return rc;
         model_batch b;
-        if ((rc = forward_logp(m, mb, &b, e))) return rc;
+        if ((rc = forward_logp(m, mb, NULL, &b, e))) return rc;
         for (int k = 0; k < mb->count; k++) {
             sample *s = &J->S[list[a + k]];
+            if (route && (rc = capture_route(J, m, s, mb->row0[k] - (J->D.train[s->prompt].n - 1), e))) return rc;
+            if (!ref && !want_lp) continue;
             float **dst = ref ? &s->lp_ref : &s->lp_old;
             if (!*dst && !(*dst = mem_alloc((size_t)(s->seq.n ? s->seq.n : 1) * sizeof(float))))
                 return err_set(e, MR_ENOMEM, "grpo: out of memory");
@@ -517,8 +570,8 @@ typedef struct update_stats {
     int updates, skipped;
 } update_stats;
 
-static int optimizer_update(job *J, const int *list, int n, double lr, int measure_mismatch, micro *mb,
-                            update_stats *us, mr_err *e) {
+static int optimizer_update(job *J, const int *list, int n, double lr, int measure_mismatch, int update_index,
+                            micro *mb, update_stats *us, mr_err *e) {
     const grpo_cfg *c = &J->c;
     model *m = &J->m;
     const int V = m->p.cfg.vocab_size;
@@ -532,16 +585,23 @@ static int optimizer_update(job *J, const int *list, int n, double lr, int measu
     memset(J->load_sum, 0, (size_t)m->p.n_layers * E * sizeof(int64_t));
     float *eg = NULL;
     int rc = MR_OK;
-    if (c->routing_replay && !J->warned_replay) {
-        J->warned_replay = 1;
-        fprintf(stderr, "grpo: warning: grpo.routing_replay is not applied yet (the trainer routes afresh; on the CPU "
-                        "the first forward of a step routes exactly as the rollout did)\n");
-    }
     for (int a = 0; a < n;) {
         int b_end = micro_end(J, list, a, n);
         if ((rc = micro_pack(J, mb, list, a, b_end - a, e))) goto done;
         model_batch b;
-        if ((rc = forward_logp(m, mb, &b, e))) goto done;
+        const int replaying = c->routing_replay && J->n_moe > 0;
+        if ((rc = forward_logp(m, mb, replaying ? replay_of(J, mb, list) : NULL, &b, e))) goto done;
+        if (probe_fn) {
+            grpo_probe_seq ps[64];
+            int np = mb->count < 64 ? mb->count : 64;
+            for (int k = 0; k < np; k++) {
+                const sample *s = &J->S[list[a + k]];
+                int plen = J->D.train[s->prompt].n;
+                ps[k] = (grpo_probe_seq){.row0 = mb->row0[k] - (plen - 1), .prompt_len = plen, .n = s->seq.n,
+                                         .rollout = s->seq.experts, .replay = replaying ? s->route : NULL};
+            }
+            probe_fn(probe_ctx, m, J->iteration, update_index, ps, np);
+        }
         const float *logits = model_logits(m);
         if (c->entropy_coef > 0) {
             mem_free(eg);
@@ -650,6 +710,7 @@ static int grpo_step(job *J, micro *mb, mr_err *e) {
         if ((rc = grow_samples(J, need * G, e))) goto done;
         sample *out = J->S + J->nS;
         rollout_opts o = rollout_options(J, rng_stream_id(c->seed ^ STREAM_ROLLOUT, (uint64_t)J->st.step, (uint64_t)rounds));
+        o.record_experts = (c->routing_replay || probe_fn) && J->n_moe > 0; /* the probe compares with them */
         rc = generate_and_score(J, J->D.train, pidx, need, G, &o, out, &t_roll, &t_rew, e);
         J->nS += need * G; /* owned by the step from here, cleared together */
         if (rc) goto done;
@@ -712,8 +773,11 @@ static int grpo_step(job *J, micro *mb, mr_err *e) {
 
     /* reference and (TIS) old log-probs with the weights of the step's start */
     double t0 = progress_now();
-    if (J->has_ref && (rc = logprob_pass(J, &J->ref, list, nl, 1, mb, e))) goto done;
-    if (c->loss.tis != TIS_OFF && (rc = logprob_pass(J, &J->m, list, nl, 0, mb, e))) goto done;
+    if (J->has_ref && (rc = logprob_pass(J, &J->ref, list, nl, 1, 1, 0, mb, e))) goto done;
+    int replaying = c->routing_replay && J->n_moe > 0;
+    if ((c->loss.tis != TIS_OFF || replaying) &&
+        (rc = logprob_pass(J, &J->m, list, nl, 0, c->loss.tis != TIS_OFF, replaying, mb, e)))
+        goto done;
     t_lp = progress_now() - t0;
     double mis_sum = 0, mis_max = 0;
     int64_t mis_n = 0;
@@ -736,8 +800,9 @@ static int grpo_step(job *J, micro *mb, mr_err *e) {
         for (int mbi = 0; mbi < c->M; mbi++) {
             int from = (int)((int64_t)nl * mbi / c->M), to = (int)((int64_t)nl * (mbi + 1) / c->M);
             int first_update = it == 0 && mbi == 0;
-            if ((rc = optimizer_update(J, list + from, to - from, lr, first_update && c->loss.tis == TIS_OFF, mb, &us,
-                                       e)))
+            J->iteration = it;
+            if ((rc = optimizer_update(J, list + from, to - from, lr, first_update && c->loss.tis == TIS_OFF, mbi, mb,
+                                       &us, e)))
                 goto done;
         }
     t_upd = progress_now() - t0;
@@ -852,7 +917,7 @@ static int load_policy(job *J, const char *init_dir, model_params *p, mr_err *e)
     if (rc) return rc;
     if (!recipe_is_set(J->r, "model.overrides.vocab_size")) c.vocab_size = tok_vocab_size(J->D.tok);
     if ((rc = params_init(p, &c, e))) return rc;
-    params_init_random(p, J->c.seed, 0.006f); /* as moerl sft: the same seed gives the same weights */
+    params_init_random(p, J->c.seed, (float)recipe_float(J->r, "model.init_std")); /* as moerl sft: the same seed gives the same weights */
     return MR_OK;
 }
 
@@ -868,6 +933,9 @@ static void job_free(job *J) {
     mem_free(J->order);
     mem_free(J->load_sum);
     mem_free(J->stop);
+    mem_free(J->moe_layers);
+    mem_free(J->replay);
+    mem_free(J->replay_buf);
 }
 
 int grpo_run(const recipe *r, int resume, int64_t stop_after, mr_err *e) {
@@ -966,6 +1034,25 @@ int grpo_run(const recipe *r, int resume, int64_t stop_after, mr_err *e) {
         rc = err_set(e, MR_ENOMEM, "grpo: out of memory");
         goto fail;
     }
+    { /* the tables of routing replay: only MoE layers of the main model route */
+        const model_params *mp = &J->m.p;
+        J->K = mp->cfg.num_experts_per_tok;
+        if (!(J->moe_layers = mem_calloc((size_t)mp->n_layers + 1, sizeof *J->moe_layers)) ||
+            !(J->replay = mem_calloc((size_t)mp->n_layers + MODEL_MAX_MTP, sizeof *J->replay))) {
+            rc = err_set(e, MR_ENOMEM, "grpo: out of memory");
+            goto fail;
+        }
+        for (int l = 0; l < mp->n_layers; l++)
+            if (mp->w.layers[l].is_moe) J->moe_layers[J->n_moe++] = l;
+    }
+    if (c->routing_replay) {
+        if (J->n_moe > 0 &&
+            !(J->replay_buf = mem_alloc((size_t)J->n_moe * (size_t)J->T_cap * (size_t)J->K * sizeof(int32_t)))) {
+            rc = err_set(e, MR_ENOMEM, "grpo: out of memory for the routing replay buffers");
+            goto fail;
+        }
+        if (J->n_moe == 0) fprintf(stderr, "grpo: note: grpo.routing_replay has no effect: the model has no MoE layer\n");
+    }
 
     /* resume: weights, optimizer and state of the newest checkpoint */
     if (resume) {
@@ -1037,7 +1124,10 @@ int grpo_run(const recipe *r, int resume, int64_t stop_after, mr_err *e) {
             mem_free(sj);
             sj = NULL;
             mr_err e2 = {0};
-            runstore_log_checkpoint(J->rs, J->st.run_id, J->st.step, path, NULL, &e2);
+            char model_file[4300], hex[65];
+            snprintf(model_file, sizeof model_file, "%s/model.safetensors", path);
+            int have = sha256_file(model_file, hex, &e2) == 0;
+            runstore_log_checkpoint(J->rs, J->st.run_id, J->st.step, path, have ? hex : NULL, &e2);
         }
         if (stop_after > 0 && done_here >= stop_after) break;
     }

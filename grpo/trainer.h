@@ -58,4 +58,21 @@ void grpo_cfg_describe(const grpo_cfg *c, char *buf, size_t cap);
  * many steps of this invocation (testing kill-and-resume). */
 int grpo_run(const recipe *r, int resume, int64_t stop_after, mr_err *e);
 
+/* ---- Testing: a probe of the policy forwards (routing replay) ----
+ * With grpo.routing_replay the trainer records, once per step and before any update, the experts of every
+ * in-loss sample's rows: the prompt rows from a forward at the step's starting weights (the rollout's weights, so
+ * they are the prefill's routing), the completion rows from the rollout (rollout_seq.experts). Every policy forward
+ * of the step then replays that table, whatever the updates do to the routers (R3). */
+typedef struct model model;
+typedef struct grpo_probe_seq {
+    int row0;                /* the sample's first row (its prompt's first token) in the micro-batch */
+    int prompt_len, n;       /* prompt and completion tokens */
+    const int32_t *rollout;  /* (n, n_moe, K) the rollout's experts (rollout_seq.experts), or NULL */
+    const int32_t *replay;   /* (prompt_len + n, n_moe, K) the experts replayed, or NULL without routing replay */
+} grpo_probe_seq;
+/* Called after each policy forward of an optimizer update (before its backward) with the model, the policy
+ * iteration (0 .. mu-1), the update's index within the iteration, and the micro-batch's samples. */
+typedef void (*grpo_probe_fn)(void *ctx, const model *m, int iteration, int update, const grpo_probe_seq *s, int n);
+void grpo_set_probe(grpo_probe_fn fn, void *ctx); /* NULL: none (the default); not thread-safe, tests only */
+
 #endif

@@ -2,7 +2,9 @@
  * chat-completions endpoint (libcurl, one handle per worker) with a prompt template, reads the verdict
  * (CORRECT / INCORRECT, or a number), and caches it by SHA-256 of (prompt, completion) so a repeated sample is
  * never asked twice. The call times out with CURLOPT_TIMEOUT_MS at the deadline: TIMEOUT, never a hang.
- * judge.model (a local checkpoint run by the rollout engine) is refused until that engine exists. */
+ * judge.model instead runs a local checkpoint (weights + tokenizer of DIR, loaded once per reward set) with the
+ * rollout engine: greedy, at most JUDGE_NEW_TOKENS tokens. A model is not thread-safe and its arena is one, so
+ * workers take turns on it under a mutex; the cache is shared by both kinds. */
 #include <ctype.h>
 #include <curl/curl.h>
 #include <pthread.h>
@@ -12,10 +14,15 @@
 
 #include "core/mem.h"
 #include "core/sha256.h"
+#include "model/model.h"
 #include "rewards/reward.h"
+#include "rollout/rollout.h"
+#include "tokenizer/tokenizer.h"
 
 #define CACHE_BUCKETS 4096
 #define REPLY_MAX (1u << 20)
+#define JUDGE_NEW_TOKENS 16 /* a verdict is a word or a number */
+#define JUDGE_T_MAX 2048    /* tokens of judge prompt + verdict the local model's arena holds */
 
 static const char default_template[] =
     "You are grading a student's answer to a problem.\n\nProblem:\n{prompt}\n\nReference answer: {answer}\n\n"
@@ -25,6 +32,7 @@ static const char default_template[] =
 typedef struct centry {
     uint8_t key[32];
     double score;
+    char unreadable[84]; /* the local judge's unreadable verdict (greedy, so it would say it again), or "" */
     struct centry *next;
 } centry;
 
@@ -34,6 +42,12 @@ typedef struct {
     int mu_ok;
     centry *buckets[CACHE_BUCKETS];
     long hits, misses;
+    /* judge.model */
+    char *model_dir;
+    model *lm;
+    tokenizer *tok;
+    pthread_mutex_t lmu; /* one generation at a time: the model's arena and the tokenizer's encoder are shared */
+    int lmu_ok;
 } judge_impl;
 
 /* ---- verdicts ---------------------------------------------------------------------------------------- */
@@ -73,13 +87,14 @@ static void cache_key(const reward_sample *s, uint8_t key[32]) {
     sha256_final(&c, key);
 }
 
-static int cache_get(judge_impl *j, const uint8_t key[32], double *score) {
+static int cache_get(judge_impl *j, const uint8_t key[32], double *score, char unreadable[84]) {
     size_t b = ((size_t)key[0] | (size_t)key[1] << 8) % CACHE_BUCKETS;
     int hit = 0;
     pthread_mutex_lock(&j->mu);
     for (centry *e = j->buckets[b]; e; e = e->next)
         if (!memcmp(e->key, key, 32)) {
             *score = e->score;
+            memcpy(unreadable, e->unreadable, sizeof e->unreadable);
             hit = 1;
             break;
         }
@@ -89,11 +104,12 @@ static int cache_get(judge_impl *j, const uint8_t key[32], double *score) {
     return hit;
 }
 
-static void cache_put(judge_impl *j, const uint8_t key[32], double score) {
+static void cache_put(judge_impl *j, const uint8_t key[32], double score, const char *unreadable) {
     centry *n = mem_alloc(sizeof *n);
     if (!n) return; /* a cache that cannot grow only costs a repeated question */
     memcpy(n->key, key, 32);
     n->score = score;
+    snprintf(n->unreadable, sizeof n->unreadable, "%s", unreadable ? unreadable : "");
     size_t b = ((size_t)key[0] | (size_t)key[1] << 8) % CACHE_BUCKETS;
     pthread_mutex_lock(&j->mu);
     n->next = j->buckets[b];
@@ -164,7 +180,11 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *ud) {
 }
 
 static int judge_worker_init(const reward_plugin *p, void **ws, mr_err *e) {
-    (void)p;
+    const judge_impl *j = p->impl;
+    if (j && j->lm) { /* the local judge keeps no per-worker state */
+        *ws = NULL;
+        return 0;
+    }
     *ws = curl_easy_init();
     if (!*ws) return err_set(e, MR_ENOMEM, "judge: curl_easy_init failed");
     return 0;
@@ -175,6 +195,55 @@ static void judge_worker_free(const reward_plugin *p, void *ws) {
     if (ws) curl_easy_cleanup(ws);
 }
 
+/* ---- the local checkpoint ----------------------------------------------------------------------------- */
+
+/* Greedy verdict of the local model for the rendered judge prompt (under j->lmu). */
+static void local_verdict(judge_impl *j, const char *prompt, double deadline, const uint8_t key[32],
+                          reward_result *out) {
+    tok_ids ids = {0};
+    rollout_seq seq = {0};
+    char *text = NULL;
+    mr_err e = {0};
+    double v;
+    if (reward_now() >= deadline) { /* waited for the model past the limit */
+        reward_result_set(out, REWARD_TIMEOUT, 0, "timeout waiting for the judge model");
+        return;
+    }
+    if (tok_encode(j->tok, prompt, strlen(prompt), TOK_SPECIAL, &ids, &e)) {
+        reward_result_set(out, REWARD_ERROR, 0, "judge model %s: %s", j->model_dir, e.msg);
+        goto done;
+    }
+    if ((int)ids.n + JUDGE_NEW_TOKENS > j->lm->T_max) {
+        reward_result_set(out, REWARD_ERROR, 0, "judge model %s: the judge prompt has %zu tokens, more than the %d "
+                          "it can take with a %d-token verdict", j->model_dir, ids.n, j->lm->T_max - JUDGE_NEW_TOKENS,
+                          JUDGE_NEW_TOKENS);
+        goto done;
+    }
+    rollout_opts o = rollout_opts_default();
+    o.temperature = 0; /* greedy: the verdict is a function of the prompt, so caching it is sound */
+    o.max_new_tokens = JUDGE_NEW_TOKENS;
+    o.eos = tok_eos_id(j->tok);
+    const int32_t *pr = ids.v;
+    int pl = (int)ids.n;
+    int64_t pid = 0;
+    if (rollout_generate(j->lm, j->tok, &pr, &pl, &pid, 1, 1, &o, &seq, &e) ||
+        tok_decode(j->tok, seq.tokens, (size_t)seq.n, 1, &text, NULL, &e)) {
+        reward_result_set(out, REWARD_ERROR, 0, "judge model %s: %s", j->model_dir, e.msg);
+        goto done;
+    }
+    if (!judge_parse_verdict(text, &v)) {
+        reward_result_set(out, REWARD_UNSCORABLE, 0, "unreadable verdict '%.80s'", text);
+        cache_put(j, key, 0, text[0] ? text : " ");
+    } else {
+        reward_result_set(out, REWARD_SCORE, v, "verdict '%.40s'", text);
+        cache_put(j, key, v, NULL);
+    }
+done:
+    mem_free(text);
+    rollout_seq_free(&seq);
+    tok_ids_free(&ids);
+}
+
 static void judge_score(const reward_plugin *p, void *ws, const reward_sample *s, double deadline, reward_result *out,
                         int *discard) {
     (void)discard;
@@ -183,8 +252,22 @@ static void judge_score(const reward_plugin *p, void *ws, const reward_sample *s
     uint8_t key[32];
     cache_key(s, key);
     double v;
-    if (cache_get(j, key, &v)) {
-        reward_result_set(out, REWARD_SCORE, v, "cached verdict");
+    char unreadable[84];
+    if (cache_get(j, key, &v, unreadable)) {
+        if (unreadable[0]) reward_result_set(out, REWARD_UNSCORABLE, 0, "unreadable verdict '%.80s' (cached)", unreadable);
+        else reward_result_set(out, REWARD_SCORE, v, "cached verdict");
+        return;
+    }
+    if (j->lm) {
+        char *lp = fill_template(j->template_, s);
+        if (!lp) {
+            reward_result_set(out, REWARD_ERROR, 0, "judge: out of memory");
+            return;
+        }
+        pthread_mutex_lock(&j->lmu);
+        local_verdict(j, lp, deadline, key, out);
+        pthread_mutex_unlock(&j->lmu);
+        mem_free(lp);
         return;
     }
     char *prompt = fill_template(j->template_, s);
@@ -252,7 +335,7 @@ static void judge_score(const reward_plugin *p, void *ws, const reward_sample *s
             reward_result_set(out, REWARD_UNSCORABLE, 0, "unreadable verdict '%.80s'", content->valuestring);
         } else {
             reward_result_set(out, REWARD_SCORE, v, "verdict '%.40s'", content->valuestring);
-            cache_put(j, key, v);
+            cache_put(j, key, v, NULL);
         }
         cJSON_Delete(resp);
     }
@@ -270,6 +353,15 @@ static void judge_free(reward_plugin *p) {
             mem_free(e);
         }
     if (j->mu_ok) pthread_mutex_destroy(&j->mu);
+    if (j->lmu_ok) { /* a worker abandoned at its deadline may still be generating: wait for it */
+        pthread_mutex_lock(&j->lmu);
+        pthread_mutex_unlock(&j->lmu);
+        pthread_mutex_destroy(&j->lmu);
+    }
+    if (j->lm) model_free(j->lm);
+    mem_free(j->lm);
+    tok_free(j->tok);
+    mem_free(j->model_dir);
     mem_free(j->endpoint);
     mem_free(j->api_model);
     mem_free(j->api_key);
@@ -278,17 +370,56 @@ static void judge_free(reward_plugin *p) {
     p->impl = NULL;
 }
 
+/* judge.model: DIR's weights and tokenizer, once; DIR relative to the recipe's folder. */
+static int local_init(judge_impl *j, const char *key, const char *dir_in, const char *dir, mr_err *e) {
+    size_t n = strlen(dir_in) + (dir ? strlen(dir) : 0) + 2;
+    if (!(j->model_dir = mem_alloc(n))) return err_set(e, MR_ENOMEM, "out of memory");
+    if (dir_in[0] == '/' || !dir || !dir[0]) snprintf(j->model_dir, n, "%s", dir_in);
+    else snprintf(j->model_dir, n, "%s/%s", dir, dir_in);
+    if (pthread_mutex_init(&j->lmu, NULL) != 0) return err_set(e, MR_EINTERNAL, "judge: mutex");
+    j->lmu_ok = 1;
+    model_params mp;
+    memset(&mp, 0, sizeof mp);
+    int rc = params_load(&mp, j->model_dir, e);
+    if (rc) return err_prefix(e, "%s", key);
+    if ((rc = tok_load(&j->tok, j->model_dir, e))) {
+        params_free(&mp);
+        return err_prefix(e, "%s", key);
+    }
+    if (tok_vocab_size(j->tok) > mp.cfg.vocab_size) {
+        int vs = mp.cfg.vocab_size;
+        params_free(&mp);
+        return err_set(e, MR_EINVAL, "%s: %s: the tokenizer has %d tokens but the model's vocab_size is %d", key,
+                       j->model_dir, tok_vocab_size(j->tok), vs);
+    }
+    int T_max = mp.cfg.max_position_embeddings > 0 && mp.cfg.max_position_embeddings < JUDGE_T_MAX
+                    ? mp.cfg.max_position_embeddings
+                    : JUDGE_T_MAX;
+    if (!(j->lm = mem_calloc(1, sizeof *j->lm))) {
+        params_free(&mp);
+        return err_set(e, MR_ENOMEM, "out of memory");
+    }
+    model_opts mo = {.mm = MM_DET};
+    if ((rc = model_init(j->lm, &mp, &mo, T_max, e))) return err_prefix(e, "%s: %s", key, j->model_dir);
+    return MR_OK;
+}
+
 static int judge_init(reward_plugin *p, const recipe *r, const char *item, const char *dir, mr_err *e) {
-    (void)dir;
     char path[128];
-    snprintf(path, sizeof path, "%s.judge.model", item);
-    if (recipe_is_set(r, path))
-        return err_set(e, MR_EINVAL, "%s: judge.model needs the rollout engine (not built yet); use judge.endpoint", path);
     judge_impl *j = mem_calloc(1, sizeof *j);
     if (!j) return err_set(e, MR_ENOMEM, "out of memory");
     p->impl = j;
     if (pthread_mutex_init(&j->mu, NULL) != 0) return err_set(e, MR_EINTERNAL, "judge: mutex");
     j->mu_ok = 1;
+    snprintf(path, sizeof path, "%s.judge.model", item);
+    if (recipe_is_set(r, path)) {
+        int rc = local_init(j, path, recipe_str(r, path), dir, e);
+        if (rc) return rc;
+        snprintf(path, sizeof path, "%s.judge.prompt_template", item);
+        const char *t = recipe_str(r, path);
+        if (!(j->template_ = mem_strdup(t ? t : default_template))) return err_set(e, MR_ENOMEM, "out of memory");
+        return MR_OK;
+    }
     snprintf(path, sizeof path, "%s.judge.endpoint", item);
     j->endpoint = mem_strdup(recipe_str(r, path));
     snprintf(path, sizeof path, "%s.judge.api_model", item);

@@ -199,7 +199,7 @@ int sft_run(const recipe *r, int resume, mr_err *e) {
     }
     model_params p;
     if (recipe_is_set(r, "model.checkpoint")) rc = params_load(&p, recipe_str(r, "model.checkpoint"), e);
-    else if (!(rc = params_init(&p, &c, e))) params_init_random(&p, seed, 0.006f);
+    else if (!(rc = params_init(&p, &c, e))) params_init_random(&p, seed, (float)recipe_float(r, "model.init_std"));
     if (rc) goto fail;
     const int batch = (int)recipe_int(r, "sft.batch_seqs"), accum = (int)recipe_int(r, "sft.grad_accum");
     const int max_seq = (int)recipe_int(r, "data.max_seq_len");

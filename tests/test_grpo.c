@@ -6,10 +6,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "grpo/advantage.h"
 #include "grpo/loss.h"
+#include "grpo/trainer.h"
+#include "model/model.h"
 #include "tests/fixtures/grpo_ref.inc"
+#include "core/recipe.h"
 #include "tests/testutil.h"
 
 #define NSEQ 3
@@ -220,6 +224,11 @@ static char *setup_run(int steps) {
     return dir;
 }
 
+static void drop_dir(char *dir) {
+    tu_rmtree(dir);
+    free(dir);
+}
+
 static int grpo(const char *dir, const char *args, char **out) {
     char cmd[8192];
     snprintf(cmd, sizeof cmd, "cd %s && %s grpo tiny.yaml %s", dir, tu_bin(), args);
@@ -258,7 +267,7 @@ Test(grpo_run, reward_rises_and_logprobs_match_the_rollout, .timeout = 120) {
         cr_assert_eq(metric_at(csv, s, "reward/lua/error_rate"), 0.0);
     }
     free(csv);
-    tu_rmtree(dir);
+    drop_dir(dir);
 }
 
 Test(grpo_run, kill_and_resume_is_bit_exact, .timeout = 120) {
@@ -287,8 +296,8 @@ Test(grpo_run, kill_and_resume_is_bit_exact, .timeout = 120) {
     cr_assert(strstr(ma, "\n4,policy/loss,"), "no step 4 metrics:\n%s", ma);
     free(ma);
     free(mb);
-    tu_rmtree(a);
-    tu_rmtree(b);
+    drop_dir(a);
+    drop_dir(b);
 }
 
 /* KL to a reference, TIS, dynamic sampling, two policy iterations, Dr. GRPO's aggregation, the soft overlong
@@ -312,7 +321,7 @@ Test(grpo_run, every_option_runs, .timeout = 120) {
     double pass = metric_at(csv, 1, "filter/pass_rate");
     cr_assert(pass > 0 && pass <= 1);
     free(csv);
-    tu_rmtree(dir);
+    drop_dir(dir);
 }
 
 static void expect_refusal(const char *args, const char *msg) {
@@ -325,7 +334,7 @@ static void expect_refusal(const char *args, const char *msg) {
     cr_assert(!f, "%s: a run was recorded before the recipe was refused", args);
     free(db);
     free(out);
-    tu_rmtree(dir);
+    drop_dir(dir);
 }
 
 Test(grpo_run, inconsistent_recipes_are_refused_before_any_work) {
@@ -339,4 +348,86 @@ Test(grpo_run, inconsistent_recipes_are_refused_before_any_work) {
     expect_refusal("--set rewards=", "rewards: GRPO needs at least one reward plugin, got none");
     expect_refusal("--set grpo.dynamic_sampling.enabled=true --set grpo.dynamic_sampling.max_extra_rounds=0",
                    "grpo.dynamic_sampling.max_extra_rounds: 0 with grpo.dynamic_sampling.enabled");
+}
+
+/* ------------------------------------------------------------------- routing replay (in process, probed) */
+
+typedef struct replay_seen {
+    int forwards;
+    uint64_t hash[8];         /* per update (iteration * 2 + update): FNV-1a of its logits */
+    int64_t flips[8];         /* completion (row, layer, slot) experts unlike the rollout's */
+    int64_t prompt_diff;      /* prompt-row experts unlike the replayed table */
+    int64_t compared[2];      /* completion rows compared, per iteration */
+} replay_seen;
+
+static void replay_probe(void *ctx, const model *m, int it, int upd, const grpo_probe_seq *s, int n) {
+    replay_seen *R = ctx;
+    int f = it * 2 + upd, K = m->p.cfg.num_experts_per_tok, n_moe = 0, moe[16];
+    cr_assert(f < 8);
+    for (int l = 0; l < m->p.n_layers; l++)
+        if (m->p.w.layers[l].is_moe) moe[n_moe++] = l;
+    R->forwards++;
+    const float *lg = model_logits(m);
+    uint64_t h = R->hash[f] ? R->hash[f] : 1469598103934665603ull;
+    const unsigned char *bytes = (const unsigned char *)lg;
+    for (size_t i = 0; i < (size_t)m->T * m->p.cfg.vocab_size * sizeof(float); i++) h = (h ^ bytes[i]) * 1099511628211ull;
+    R->hash[f] = h;
+    for (int q = 0; q < n; q++) {
+        cr_assert(s[q].rollout, "routing replay: the rollout recorded no experts");
+        for (int j = 0; j < n_moe; j++) {
+            const int32_t *ex = model_layer_experts(m, moe[j]);
+            for (int i = 0; i < s[q].n; i++) {
+                int row = s[q].row0 + s[q].prompt_len - 1 + i;
+                R->flips[f] += memcmp(ex + (size_t)row * K, s[q].rollout + ((size_t)i * n_moe + j) * K,
+                                      (size_t)K * sizeof(int32_t)) != 0;
+                R->compared[it] += j == 0;
+            }
+            for (int r = 0; s[q].replay && r < s[q].prompt_len - 1; r++)
+                R->prompt_diff += memcmp(ex + (size_t)(s[q].row0 + r) * K, s[q].replay + ((size_t)r * n_moe + j) * K,
+                                         (size_t)K * sizeof(int32_t)) != 0;
+        }
+    }
+}
+
+static void run_probed(const char *dir, const char *replay, replay_seen *R) {
+    char *path = tu_path(dir, "tiny.yaml"), set[64];
+    recipe *r = NULL;
+    mr_err e = {0};
+    cr_assert_eq(chdir(dir), 0); /* the recipe names digits.lua relative to the working directory */
+    cr_assert_eq(recipe_load(&r, path, &e), 0, "%s", e.msg);
+    snprintf(set, sizeof set, "grpo.routing_replay=%s", replay);
+    const char *sets[] = {set, "grpo.mu=2", "optim.lr=0.05", "grpo.eval_every=0", "data.eval_n=1"};
+    for (int i = 0; i < 5; i++) cr_assert_eq(recipe_set(r, sets[i], &e), 0, "%s: %s", sets[i], e.msg);
+    cr_assert_eq(recipe_resolve(r, &e), 0, "%s", e.msg);
+    memset(R, 0, sizeof *R);
+    grpo_set_probe(replay_probe, R);
+    int rc = grpo_run(r, 0, 0, &e);
+    grpo_set_probe(NULL, NULL);
+    cr_assert_eq(rc, 0, "%s", e.msg);
+    recipe_free(r);
+    free(path);
+}
+
+/* μ = 2, two mini-batches, a large learning rate so the routers move: with replay every policy forward routes
+ * completion rows as the rollout did and prompt rows as the step's start did; without it, they drift. The two runs
+ * agree exactly on the first update (same weights, same routing) and part where the routing would have changed. */
+Test(grpo_run, routing_replay_reuses_the_rollouts_experts, .timeout = 120) {
+    char *a = setup_run(1), *b = setup_run(1);
+    replay_seen with, without;
+    run_probed(a, "true", &with);
+    run_probed(b, "false", &without);
+    cr_assert_eq(with.forwards, without.forwards);
+    cr_assert(with.compared[1] > 0, "no forward of the second policy iteration was seen");
+    for (int f = 0; f < 4; f++) cr_assert_eq(with.flips[f], 0, "update %d: %lld completion experts differ from the rollout's", f, (long long)with.flips[f]);
+    cr_assert_eq(with.prompt_diff, 0, "prompt rows did not take the replayed experts");
+    /* at the step's starting weights the fresh routing is the rollout's: the first update is the same in both */
+    cr_assert_eq(without.flips[0], 0, "the trainer's first forward routes unlike the rollout");
+    cr_assert_eq(with.hash[0], without.hash[0], "the first update's logits differ with routing replay");
+    int64_t later = without.flips[1] + without.flips[2] + without.flips[3];
+    cr_assert(later > 0, "the routers never moved: this test cannot tell replay from none");
+    int differ = 0;
+    for (int f = 1; f < 4; f++) differ += with.hash[f] != without.hash[f];
+    cr_assert(differ > 0, "replay changed nothing although the routing moved");
+    drop_dir(a);
+    drop_dir(b);
 }

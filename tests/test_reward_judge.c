@@ -15,6 +15,7 @@
 
 #include "core/recipe.h"
 #include "rewards/reward.h"
+#include "tests/testutil.h"
 
 #define BASE "run:\n  name: t\nmodel:\n  preset: tiny\ntokenizer:\n  train:\ndata:\n  generator:\n    task: arithmetic\n"
 
@@ -235,4 +236,107 @@ Test(judge, unreachable_endpoint) {
     cr_assert_eq(o.status, REWARD_ERROR);
     cr_assert(strstr(o.reason, "Could not connect") || strstr(o.reason, "Couldn't connect"), "%s", o.reason);
     reward_set_free(s);
+}
+
+/* ---- judge.model: a local checkpoint run by the rollout engine ---------------------------------------------- */
+
+#define TINY_CONFIG                                                                                                   \
+    "{\"architectures\": [\"DeepseekV3ForCausalLM\"], \"model_type\": \"deepseek_v3\", \"vocab_size\": 300,\n"         \
+    " \"hidden_size\": 32, \"intermediate_size\": 64, \"moe_intermediate_size\": 16, \"num_hidden_layers\": 2,\n"   \
+    " \"first_k_dense_replace\": 1, \"n_routed_experts\": 4, \"num_experts_per_tok\": 2, \"n_shared_experts\": 1,\n" \
+    " \"n_group\": 1, \"topk_group\": 1, \"num_attention_heads\": 4, \"num_key_value_heads\": 4, \"q_lora_rank\": 16,\n" \
+    " \"kv_lora_rank\": 16, \"qk_nope_head_dim\": 8, \"qk_rope_head_dim\": 4, \"v_head_dim\": 8,\n"                    \
+    " \"num_nextn_predict_layers\": 0, \"max_position_embeddings\": 512, \"bos_token_id\": 0, \"eos_token_id\": 1}\n"
+
+/* A tiny checkpoint (random weights) with a BPE tokenizer trained on a few lines, in dir/ck. */
+static void make_checkpoint(const char *dir) {
+    char cmd[8192], *out = NULL, *cfg = tu_path(dir, "cfg.json"), *corpus = tu_path(dir, "corpus.txt");
+    cr_assert_eq(tu_write(cfg, TINY_CONFIG, (size_t)-1), 0);
+    cr_assert_eq(tu_write(corpus, "the answer is CORRECT\nthe answer is INCORRECT\nwhat is six times seven\n"
+                                  "Problem: Reference answer: Student's answer: Is the final answer correct?\n",
+                          (size_t)-1),
+                 0);
+    snprintf(cmd, sizeof cmd, "'%s' init-model --config '%s' --out '%s/ck' --seed 3 && '%s' tokenizer train --corpus "
+             "'%s' --vocab 290 --out '%s/ck'", tu_bin(), cfg, dir, tu_bin(), corpus, dir);
+    cr_assert_eq(tu_run(cmd, &out), 0, "%s", out);
+    free(out);
+    free(cfg);
+    free(corpus);
+}
+
+static reward_set *local_judge_set(const char *model_dir, int workers, mr_err *e) {
+    char text[4096];
+    snprintf(text, sizeof text, "%srewards:\n  - math:\n    weight: 2.0\n  - judge:\n      model: %s\n"
+             "      prompt_template: \"Q: {prompt} A: {completion} Is the answer correct?\"\n", BASE, model_dir);
+    recipe *r = NULL;
+    cr_assert_eq(recipe_load_string(&r, text, "t.yaml", e), 0, "%s", e->msg);
+    cr_assert_eq(recipe_resolve(r, e), 0, "%s", e->msg);
+    reward_set *s = NULL;
+    reward_set_opts o = {.workers = workers};
+    int rc = reward_set_init(&s, r, &o, e);
+    recipe_free(r);
+    return rc ? NULL : s;
+}
+
+Test(judge, local_checkpoint, .timeout = 60) {
+    char *dir = tu_tmpdir(), ck[4200];
+    make_checkpoint(dir);
+    snprintf(ck, sizeof ck, "%s/ck", dir);
+    mr_err e = {0};
+    reward_set *s = local_judge_set(ck, 2, &e);
+    cr_assert_not_null(s, "%s", e.msg);
+    reward_result res[2];
+
+    /* math decides: the judge is not asked */
+    reward_outcome o = score1(s, "#### 42", res);
+    cr_assert_eq(res[1].status, REWARD_SKIPPED);
+    cr_assert_float_eq(o.total, 2.0, 0);
+
+    /* free-form: the local model's greedy reply is a verdict or, from random weights, most likely not */
+    o = score1(s, "It is FORTYTWO, forty-two.", res);
+    cr_assert_eq(res[0].status, REWARD_UNSCORABLE);
+    cr_assert(res[1].status == REWARD_SCORE || res[1].status == REWARD_UNSCORABLE, "%s: %s",
+              reward_status_name(res[1].status), res[1].reason);
+    const char *want = res[1].status == REWARD_SCORE ? "verdict '" : "unreadable verdict '";
+    cr_assert(!strncmp(res[1].reason, want, strlen(want)), "%s", res[1].reason);
+    reward_result first = res[1];
+
+    /* the same (prompt, completion) again: the cache answers, with the same outcome */
+    o = score1(s, "It is FORTYTWO, forty-two.", res);
+    cr_assert_eq(res[1].status, first.status);
+    if (first.status == REWARD_SCORE) {
+        cr_assert_str_eq(res[1].reason, "cached verdict");
+        cr_assert_float_eq(res[1].score, first.score, 0);
+    } else {
+        char cached[300];
+        snprintf(cached, sizeof cached, "%s (cached)", first.reason);
+        cr_assert_str_eq(res[1].reason, cached);
+    }
+
+    /* several samples at once on two workers take turns on the one model; greedy: the same answers as alone */
+    cJSON *row = cJSON_Parse("{\"answer\": \"42\"}");
+    const char *texts[4] = {"forty one", "It is FORTYTWO, forty-two.", "seven sixes", "no idea"};
+    reward_sample smp[4];
+    for (int i = 0; i < 4; i++) smp[i] = (reward_sample){.prompt = "What is six times seven?", .completion = texts[i], .row = row};
+    reward_result many[8];
+    reward_outcome oc[4];
+    cr_assert_eq(reward_set_score(s, smp, 4, many, oc, &e), 0, "%s", e.msg);
+    cr_assert_eq(many[3].status, first.status);
+    for (int i = 0; i < 4; i++)
+        cr_assert(many[2 * i + 1].status == REWARD_SCORE || many[2 * i + 1].status == REWARD_UNSCORABLE, "%d: %s", i,
+                  many[2 * i + 1].reason);
+    reward_set_free(s);
+    s = local_judge_set(ck, 1, &e); /* a fresh set (empty cache), one worker: the same verdict text */
+    cr_assert_not_null(s, "%s", e.msg);
+    cr_assert_eq(reward_set_score(s, smp, 4, many + 0, oc, &e), 0, "%s", e.msg);
+    cr_assert_str_eq(many[3].reason, first.reason);
+    cJSON_Delete(row);
+    reward_set_free(s);
+
+    /* a directory without a checkpoint is refused at init, naming the key */
+    s = local_judge_set("/nonexistent-ckpt", 1, &e);
+    cr_assert_null(s);
+    cr_assert(strstr(e.msg, "rewards[1].judge.model") && strstr(e.msg, "/nonexistent-ckpt"), "%s", e.msg);
+    tu_rmtree(dir);
+    free(dir);
 }
