@@ -7,7 +7,10 @@
  *      4 packed documents;
  *   2. prefill tokens/s (one prompt of 128 tokens) and decode tokens/s at batch 1, 16, 128 (contexts of 128 + the
  *      tokens decoded so far), MM_DET and MM_FAST;
- *   3. KV bytes per token: latent (r_kv + d_rope per layer) vs full multi-head K and V, bf16. */
+ *   3. KV bytes per token: latent (r_kv + d_rope per layer) vs full multi-head K and V, bf16;
+ *   4. (mode "spec" or default) MTP speculative decoding through rollout_generate, greedy and T = 1, batch 1 and
+ *      16: tokens/s plain vs speculative, acceptance rate. With random weights the MTP module drafts at random:
+ *      the acceptance (and speed-up) of a trained model is higher; this measures the machinery's cost. */
 #include <omp.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -21,6 +24,7 @@
 #include "model/model.h"
 #include "model/params.h"
 #include "model/setup.h"
+#include "rollout/rollout.h"
 
 static double now(void) {
     struct timespec ts;
@@ -168,6 +172,52 @@ static void bench_decode(const model_config *c, mm_mode mm, int B, double *prefi
     model_free(&m);
 }
 
+/* MTP speculative decoding against plain decoding through the rollout engine (MM_DET). */
+static void bench_spec(const model_config *c0) {
+    model_config c = *c0;
+    if (c.num_nextn_predict_layers < 1) c.num_nextn_predict_layers = 1;
+    static const int Bs[] = {1, 16};
+    enum { PLEN = 32, NEW = 64 };
+    static int32_t prompt[PLEN];
+    for (int j = 0; j < PLEN; j++) prompt[j] = (int32_t)((j * 37 + 11) % c.vocab_size);
+    for (int ti = 0; ti < 2; ti++)
+        for (size_t bi = 0; bi < sizeof Bs / sizeof Bs[0]; bi++) {
+            const int B = Bs[bi];
+            model m;
+            build(&m, &c, MM_DET, 0, 2 * B > PLEN ? 2 * B : PLEN);
+            const int32_t *pp = prompt;
+            int plen = PLEN;
+            int64_t pid = 0;
+            double tps[2];
+            rollout_stats st[2];
+            for (int sp = 0; sp < 2; sp++) {
+                rollout_opts o = rollout_opts_default();
+                o.temperature = ti ? 1.0f : 0.0f;
+                o.max_new_tokens = NEW;
+                o.mtp_speculative = sp;
+                o.stats = &st[sp];
+                rollout_seq *out = mem_calloc((size_t)B, sizeof *out);
+                mr_err e = {0};
+                double t0 = now();
+                int reps = 0;
+                do {
+                    if (rollout_generate(&m, NULL, &pp, &plen, &pid, 1, B, &o, out, &e)) die(&e);
+                    for (int q = 0; q < B; q++) rollout_seq_free(&out[q]);
+                    reps++;
+                } while (now() - t0 < secs);
+                tps[sp] = (double)st[sp].tokens * reps / (now() - t0);
+                mem_free(out);
+            }
+            printf("MTP speculative, %s, batch %3d: plain %8.0f tok/s, speculative %8.0f tok/s (x%.2f), "
+                   "acceptance %.1f%% (%lld/%lld), decode steps %lld -> %lld\n",
+                   ti ? "T=1   " : "greedy", B, tps[0], tps[1], tps[1] / tps[0],
+                   st[1].drafted ? 100.0 * (double)st[1].accepted / (double)st[1].drafted : 0.0,
+                   (long long)st[1].accepted, (long long)st[1].drafted, (long long)st[0].decode_steps,
+                   (long long)st[1].decode_steps);
+            model_free(&m);
+        }
+}
+
 int main(int argc, char **argv) {
     int threads = argc > 1 ? atoi(argv[1]) : 2;
     if (argc > 2) secs = atof(argv[2]);
@@ -179,7 +229,7 @@ int main(int argc, char **argv) {
 
     const char *only = argc > 3 ? argv[3] : "";
     double fa, fba, fn, fbn;
-    if (strcmp(only, "decode")) {
+    if (strcmp(only, "decode") && strcmp(only, "spec")) {
     bench_train(&c, 0, &fa, &fba);
     bench_train(&c, 1, &fn, &fbn);
     printf("training forward, T=512 (4 docs of 128), MM_DET:\n");
@@ -195,7 +245,7 @@ int main(int argc, char **argv) {
     if (!strcmp(only, "train")) return 0;
 
     static const int Bs[] = {1, 16, 128};
-    for (int mi = 0; mi < 2; mi++) {
+    for (int mi = 0; mi < 2 && strcmp(only, "spec"); mi++) {
         mm_mode mm = mi ? MM_FAST : MM_DET;
         for (size_t i = 0; i < sizeof Bs / sizeof Bs[0]; i++) {
             double ptps, dtps;
@@ -204,9 +254,12 @@ int main(int argc, char **argv) {
                    ptps, dtps);
         }
     }
+    if (strcmp(only, "spec")) {
     uint64_t lat, full;
     model_kv_bytes_per_token(&c, 2, &lat, &full);
     printf("KV bytes per token (bf16, %d layers): latent %llu, full MHA %llu (%.1fx smaller)\n", c.num_hidden_layers,
            (unsigned long long)lat, (unsigned long long)full, (double)full / (double)lat);
+    }
+    bench_spec(&c);
     return 0;
 }

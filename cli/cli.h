@@ -14,6 +14,7 @@ int cmd_check(int argc, char **argv);   /* cli/cmd_check.c: resolve a recipe, va
 int cmd_init_model(int argc, char **argv); /* cli/cmd_model.c: a model initialized from scratch */
 int cmd_info(int argc, char **argv);       /* cli/cmd_model.c: parameter counts, KV-cache bytes */
 int cmd_generate(int argc, char **argv);   /* cli/cmd_generate.c: sample completions with the rollout engine */
+int cmd_eval(int argc, char **argv);       /* cli/cmd_eval.c: pass@1, pass@k, maj@k of a recipe's held-out prompts */
 int cmd_logits(int argc, char **argv);     /* cli/cmd_model.c: logits of a token sequence (checking) */
 int cmd_bench(int argc, char **argv);      /* cli/cmd_bench.c: benchmarks that print figures */
 int cmd_score(int argc, char **argv);      /* cli/cmd_score.c: reward plugins on samples.jsonl rows */

@@ -24,6 +24,7 @@ static const command commands[] = {
     {"init-model", cmd_init_model, "write a model initialized from scratch (config.json + safetensors)"},
     {"info", cmd_info, "parameter counts and KV-cache bytes per token of a model or config"},
     {"generate", cmd_generate, "sample completions of a prompt from a checkpoint (latent KV cache), streamed"},
+    {"eval", cmd_eval, "pass@1, pass@k and maj@k of a recipe's held-out prompts (rollout + reward plugins)"},
     {"logits", cmd_logits, "float32 logits of a token sequence, for checking against other implementations"},
     {"bench", cmd_bench, "benchmarks (model forward/backward throughput against baselines)"},
     {"score", cmd_score, "score samples.jsonl rows with a recipe's reward plugins, one JSON line per row"},

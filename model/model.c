@@ -298,12 +298,15 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
         for (int t = 0; t < T; t++) {
             if (cache) {
                 model_kv *s = cache[t];
-                float *ck = s->ckv + ((size_t)l * s->cap) * rkv, *kp = s->kpe + ((size_t)l * s->cap) * dr;
-                memcpy(ck + (size_t)s->len * rkv, a->cn + (size_t)t * rkv, sizeof(float) * rkv);
-                memcpy(kp + (size_t)s->len * dr, a->kpe + (size_t)t * dr, sizeof(float) * dr);
+                /* an MTP module's cache holds its one layer only */
+                const size_t lc = (size_t)(l < c->num_hidden_layers ? l : l - c->num_hidden_layers);
+                const size_t at = (size_t)s->len + (size_t)(m->dec_off ? m->dec_off[t] : 0);
+                float *ck = s->ckv + (lc * s->cap) * rkv, *kp = s->kpe + (lc * s->cap) * dr;
+                memcpy(ck + at * rkv, a->cn + (size_t)t * rkv, sizeof(float) * rkv);
+                memcpy(kp + at * dr, a->kpe + (size_t)t * dr, sizeof(float) * dr);
                 pc[t] = ck;
                 pk[t] = kp;
-                m->kv_len[t] = s->len + 1;
+                m->kv_len[t] = (int32_t)at + 1;
             } else {
                 int s0 = b->doc_start ? b->doc_start[t] : 0;
                 pc[t] = a->cn + (size_t)s0 * rkv;
@@ -719,11 +722,20 @@ void model_kv_floats(const model *m, int cap, size_t *ckv, size_t *kpe) {
     *kpe = n * (size_t)c->qk_rope_head_dim;
 }
 
-int model_prefill(model *m, const model_batch *b, model_kv *const *kv, int n_kv, mr_err *e) {
+void model_kv_floats_mtp(const model *m, int cap, size_t *ckv, size_t *kpe) {
+    const model_config *c = &m->p.cfg;
+    size_t n = (size_t)(c->num_nextn_predict_layers > 0) * (size_t)(cap > 0 ? cap : 0);
+    *ckv = n * (size_t)c->kv_lora_rank;
+    *kpe = n * (size_t)c->qk_rope_head_dim;
+}
+
+static int prefill(model *m, const model_batch *b, model_kv *const *kv, model_kv *const *mtp, int n_kv, mr_err *e) {
     const model_config *c = &m->p.cfg;
     const int L = c->num_hidden_layers, rkv = c->kv_lora_rank, dr = c->qk_rope_head_dim, T = b->T;
     if (c->moerl_swa_window > 0)
         return err_set(e, MR_EINVAL, "model: the latent KV cache does not support sliding-window attention");
+    if (mtp && c->num_nextn_predict_layers < 1)
+        return err_set(e, MR_EINVAL, "model: MTP prefill on a model without MTP modules (num_nextn_predict_layers 0)");
     /* documents, in order: check the count and that each fits its cache before running anything */
     int j = 0;
     for (int t = 0; t < T; t++) {
@@ -732,16 +744,16 @@ int model_prefill(model *m, const model_batch *b, model_kv *const *kv, int n_kv,
         int end = t + 1;
         while (end < T && (b->doc_start ? b->doc_start[end] : 0) == t) end++;
         if (j >= n_kv) return err_set(e, MR_EINVAL, "model: prefill batch has more than %d documents", n_kv);
-        if (end - t > kv[j]->cap)
+        if (end - t > kv[j]->cap || (mtp && end - t > mtp[j]->cap))
             return err_set(e, MR_ERANGE, "model: prefill document %d has %d tokens, its cache holds %d", j, end - t,
-                           kv[j]->cap);
+                           kv[j]->cap < (mtp ? mtp[j]->cap : kv[j]->cap) ? kv[j]->cap : mtp[j]->cap);
         j++;
     }
     if (j != n_kv) return err_set(e, MR_EINVAL, "model: prefill batch has %d documents, expected %d", j, n_kv);
     model_batch pb = *b;
     pb.targets = NULL;
     pb.replay = NULL;
-    pb.skip_mtp = 1;
+    pb.skip_mtp = !mtp;
     int rc = model_forward(m, &pb, 0, NULL, e);
     if (rc) return rc;
     j = 0;
@@ -750,46 +762,120 @@ int model_prefill(model *m, const model_batch *b, model_kv *const *kv, int n_kv,
         if (s0 != t) continue;
         int end = t + 1;
         while (end < T && (b->doc_start ? b->doc_start[end] : 0) == t) end++;
-        model_kv *s = kv[j++];
+        model_kv *s = kv[j];
         for (int l = 0; l < L; l++) {
             const layer_act *a = &m->acts[l];
             memcpy(s->ckv + (size_t)l * s->cap * rkv, a->cn + (size_t)t * rkv, sizeof(float) * (size_t)(end - t) * rkv);
             memcpy(s->kpe + (size_t)l * s->cap * dr, a->kpe + (size_t)t * dr, sizeof(float) * (size_t)(end - t) * dr);
         }
         s->len = end - t;
+        if (mtp) { /* MTP rows t..end-2: their next token is inside this document */
+            const layer_act *a = &m->acts[L];
+            model_kv *q = mtp[j];
+            memcpy(q->ckv, a->cn + (size_t)t * rkv, sizeof(float) * (size_t)(end - 1 - t) * rkv);
+            memcpy(q->kpe, a->kpe + (size_t)t * dr, sizeof(float) * (size_t)(end - 1 - t) * dr);
+            q->len = end - 1 - t;
+        }
+        j++;
     }
     return MR_OK;
 }
 
-int model_decode_step(model *m, const int32_t *ids, model_kv *const *kv, int B, mr_err *e) {
+int model_prefill(model *m, const model_batch *b, model_kv *const *kv, int n_kv, mr_err *e) {
+    return prefill(m, b, kv, NULL, n_kv, e);
+}
+
+int model_prefill_mtp(model *m, const model_batch *b, model_kv *const *kv, model_kv *const *mtp, int n_kv,
+                      mr_err *e) {
+    return prefill(m, b, kv, mtp, n_kv, e);
+}
+
+/* Positions of a decode step's rows (m->dec_pos) after checking ids, offsets and room in the caches. */
+static int decode_positions(model *m, const int32_t *ids, model_kv *const *kv, const int32_t *off, int B, mr_err *e) {
     const model_config *c = &m->p.cfg;
-    const int d = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
+    const int V = c->vocab_size;
     if (B < 1 || B > m->T_max) return err_set(e, MR_ERANGE, "model: decode batch of %d sequences, expected 1..%d", B, m->T_max);
     if (c->moerl_swa_window > 0)
         return err_set(e, MR_EINVAL, "model: the latent KV cache does not support sliding-window attention");
     for (int i = 0; i < B; i++) {
+        const int o = off ? off[i] : 0;
         if (ids[i] < 0 || ids[i] >= V)
             return err_set(e, MR_ERANGE, "model: token %d of decode row %d is outside the vocabulary [0, %d)", ids[i], i, V);
-        if (kv[i]->len >= kv[i]->cap)
+        if (o < 0 || o >= m->T_max) return err_set(e, MR_EINVAL, "model: decode row %d: offset %d", i, o);
+        if (kv[i]->len + o >= kv[i]->cap)
             return err_set(e, MR_ERANGE, "model: decode row %d: its cache is full (%d tokens)", i, kv[i]->cap);
-        if (kv[i]->len >= c->max_position_embeddings)
+        if (kv[i]->len + o >= c->max_position_embeddings)
             return err_set(e, MR_ERANGE, "model: decode row %d: position %d passes max_position_embeddings %d", i,
-                           kv[i]->len, c->max_position_embeddings);
-        m->dec_pos[i] = kv[i]->len;
+                           kv[i]->len + o, c->max_position_embeddings);
+        m->dec_pos[i] = kv[i]->len + o;
     }
+    return MR_OK;
+}
+
+/* Every cache's len past its last row (rows of one cache may come in any order). */
+static void decode_advance(model *m, model_kv *const *kv, int B) {
+    for (int i = 0; i < B; i++)
+        if (kv[i]->len < m->dec_pos[i] + 1) kv[i]->len = m->dec_pos[i] + 1;
+}
+
+int model_decode_step(model *m, const int32_t *ids, model_kv *const *kv, int B, mr_err *e) {
+    return model_decode_rows(m, ids, kv, NULL, B, e);
+}
+
+int model_decode_rows(model *m, const int32_t *ids, model_kv *const *kv, const int32_t *off, int B, mr_err *e) {
+    const model_config *c = &m->p.cfg;
+    const int d = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
+    int rc = decode_positions(m, ids, kv, off, B, e);
+    if (rc) return rc;
     m->T = B;
     m->trained = 0;
     m->mtp_trained = 0;
     model_batch b = {.ids = ids, .pos = m->dec_pos, .T = B, .skip_mtp = 1};
     BE->embedding_forward(m->resid, ids, m->p.w.embed, B, d);
-    for (int l = 0; l < L; l++) {
-        int rc = block_forward(m, l, m->resid + (size_t)(l + 1) * B * d, m->resid + (size_t)l * B * d, &b, m->dec_pos,
-                               B, kv, e);
-        if (rc) return rc;
-    }
-    for (int i = 0; i < B; i++) kv[i]->len++;
+    m->dec_off = off;
+    for (int l = 0; l < L && !rc; l++)
+        rc = block_forward(m, l, m->resid + (size_t)(l + 1) * B * d, m->resid + (size_t)l * B * d, &b, m->dec_pos, B,
+                           kv, e);
+    m->dec_off = NULL;
+    if (rc) return rc;
+    decode_advance(m, kv, B);
     BE->rmsnorm_forward(m->hfin, m->rstd_fin, m->resid + (size_t)L * B * d, m->p.w.final_norm, B, d,
                         (float)c->rms_norm_eps);
     BE->matmul_forward(m->logits, m->hfin, m->p.w.head, B, d, V, 0, m->opt.mm);
+    return MR_OK;
+}
+
+int model_mtp_draft(model *m, const int32_t *ids, const int32_t *hrow, model_kv *const *mtp, const int32_t *off,
+                    int B, mr_err *e) {
+    const model_config *c = &m->p.cfg;
+    const int d = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
+    const float eps = (float)c->rms_norm_eps;
+    if (c->num_nextn_predict_layers < 1)
+        return err_set(e, MR_EINVAL, "model: MTP draft on a model without MTP modules (num_nextn_predict_layers 0)");
+    int rc = decode_positions(m, ids, mtp, off, B, e);
+    if (rc) return err_prefix(e, "MTP draft");
+    for (int i = 0; i < B; i++)
+        if (hrow[i] < 0 || hrow[i] >= m->T_max)
+            return err_set(e, MR_ERANGE, "model: MTP draft row %d: hidden row %d outside 0..%d", i, hrow[i], m->T_max - 1);
+    mtp_act *t = &m->mtp[0];
+    const layer_w *w = &m->p.w.layers[L];
+    BE->embedding_forward(t->emb, ids, m->p.w.embed, B, d);
+    BE->rmsnorm_forward(t->en, t->rstd_e, t->emb, w->enorm, B, d, eps);
+    for (int i = 0; i < B; i++) /* gather the hidden rows (hkn is free until the head) */
+        memcpy(t->hkn + (size_t)i * d, m->hfin + (size_t)hrow[i] * d, sizeof(float) * (size_t)d);
+    BE->rmsnorm_forward(t->hn, t->rstd_h, t->hkn, w->hnorm, B, d, eps);
+    for (int i = 0; i < B; i++) { /* embedding first (§9.4) */
+        memcpy(t->cat + (size_t)i * 2 * d, t->en + (size_t)i * d, sizeof(float) * d);
+        memcpy(t->cat + (size_t)i * 2 * d + d, t->hn + (size_t)i * d, sizeof(float) * d);
+    }
+    BE->matmul_forward(t->x0, t->cat, w->eh_proj, B, 2 * d, d, 0, m->opt.mm);
+    model_batch b = {.ids = ids, .pos = m->dec_pos, .T = B, .skip_mtp = 1};
+    m->dec_off = off;
+    rc = block_forward(m, L, t->hk, t->x0, &b, m->dec_pos, B, mtp, e);
+    m->dec_off = NULL;
+    if (rc) return err_prefix(e, "MTP draft");
+    decode_advance(m, mtp, B);
+    BE->rmsnorm_forward(t->hkn, t->rstd_k, t->hk, w->head_norm, B, d, eps);
+    BE->matmul_forward(t->logits, t->hkn, m->p.w.head, B, d, V, 0, m->opt.mm);
     return MR_OK;
 }

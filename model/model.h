@@ -89,6 +89,7 @@ typedef struct model {
     const float **kv_ptr;   /* (2·T_max) per-row latent / RoPE-key pointers of the absorbed attention */
     int32_t *kv_len;        /* (T_max) per-row key counts of the absorbed attention */
     int32_t *dec_pos;       /* (T_max) positions of a decode step */
+    const int32_t *dec_off; /* (B) during a decode step: each row's offset past its cache's len, or NULL */
 } model;
 
 /* Allocates activations for up to T_max tokens around already-initialized params (moved into m: p is zeroed). */
@@ -128,6 +129,27 @@ int model_prefill(model *m, const model_batch *b, model_kv *const *kv, int n_kv,
  * routed in each MoE layer in model_layer_experts. The MTP modules are not run. MR_ERANGE when a cache is full or
  * a position passes max_position_embeddings; MR_EINVAL with a sliding-window config (not supported here). */
 int model_decode_step(model *m, const int32_t *ids, model_kv *const *kv, int B, mr_err *e);
+
+/* The general decode step (MTP speculative decoding verifies a drafted token in the same step as the last accepted
+ * one): row b feeds ids[b] at position kv[b]->len + off[b]; the rows of one cache carry off 0, 1, ..., n-1 (any row
+ * order) and see each other causally; every cache's len grows by its row count. off == NULL is model_decode_step.
+ * A caller that rejects a verified row sets len back (the entry is overwritten by the next step). */
+int model_decode_rows(model *m, const int32_t *ids, model_kv *const *kv, const int32_t *off, int B, mr_err *e);
+
+/* MTP module 1 (§9.4) on its own latent cache (one layer: model_kv_floats_mtp): row b combines the final-normed
+ * main hidden state row hrow[b] of the latest prefill or decode step (the row whose logits chose ids[b]) with the
+ * embedding of ids[b], at position mtp[b]->len + off[b] (rows of one cache as in model_decode_rows); its logits
+ * (B, V), a draft of the token after ids[b], are left in model_mtp_logits(m, 1). The main logits, experts and
+ * caches are untouched. MR_EINVAL for a model without MTP modules. */
+int model_mtp_draft(model *m, const int32_t *ids, const int32_t *hrow, model_kv *const *mtp, const int32_t *off,
+                    int B, mr_err *e);
+void model_kv_floats_mtp(const model *m, int cap, size_t *ckv, size_t *kpe);
+
+/* model_prefill that also runs MTP module 1 over the prompts and caches its latents: mtp[j] gets rows
+ * 0..n_j-2 of document j (the rows whose next token is in the prompt); row n_j-1 needs the sampled token and comes
+ * from model_mtp_draft on prefill row (document end - 1). */
+int model_prefill_mtp(model *m, const model_batch *b, model_kv *const *kv, model_kv *const *mtp, int n_kv,
+                      mr_err *e);
 
 /* Experts (T, K) chosen for each row in main-model MoE layer l by the latest forward or decode step; NULL for a
  * dense layer. */

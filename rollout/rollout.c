@@ -130,6 +130,13 @@ double rollout_uniform(uint64_t seed, int64_t prompt_id, int g, int i) {
     return ((double)(w[0] >> 5) * 67108864.0 + (double)(w[1] >> 6)) * (1.0 / 9007199254740992.0);
 }
 
+void rollout_spec_uniforms(uint64_t seed, int64_t prompt_id, int g, int i, double u[2]) {
+    uint32_t w[4];
+    rng_block(seed, rng_stream_id(ROLLOUT_SPEC_PURPOSE, (uint64_t)prompt_id, (uint64_t)g), (uint64_t)i, w);
+    u[0] = ((double)(w[0] >> 5) * 67108864.0 + (double)(w[1] >> 6)) * (1.0 / 9007199254740992.0);
+    u[1] = ((double)(w[2] >> 5) * 67108864.0 + (double)(w[3] >> 6)) * (1.0 / 9007199254740992.0);
+}
+
 /* ------------------------------------------------------------------------------------------ engine */
 
 typedef struct sample {
@@ -137,6 +144,8 @@ typedef struct sample {
     int slot;      /* cache slot while live, -1 otherwise */
     int cap;       /* capacity of the out arrays */
     int32_t next;  /* the token the next decode step feeds */
+    int32_t draft; /* speculative: the MTP draft of the token after next (its distribution in engine.qprob) */
+    int has_draft;
     char *text;    /* completion bytes (only with stop strings) */
     size_t text_len, text_cap;
 } sample;
@@ -154,13 +163,23 @@ typedef struct engine {
     float *cache;          /* every slot's ckv and kpe */
     int *free_slots, n_free;
     /* per row of a forward: which sample, and what it drew */
-    int *row_seq;          /* (T_max) */
-    int *row_at;           /* (T_max) logits row */
-    int32_t *row_tok;      /* (T_max) */
+    int *row_seq;          /* (2·T_max) */
+    int *row_at;           /* (2·T_max) logits row */
+    int32_t *row_tok;      /* (2·T_max) */
     float *row_lps, *row_lp;
-    double *probs;         /* (threads, V) */
+    double *probs;         /* (threads, 2V) */
     rollout_cand *cand;    /* (threads, V) */
     int nthr;
+    /* MTP speculative decoding */
+    int spec;
+    model_kv *mslots;      /* (n_slots) MTP latent caches, one per cache slot */
+    float *mcache;
+    double *qprob;         /* (n_slots, V) draft distribution of the slot's pending draft */
+    int32_t *d_ids, *d_hrow, *d_off; /* (T_max) rows of an MTP draft forward */
+    int *d_seq;            /* (T_max) the sample a draft row drafts for, -1 = a cache-only row */
+    model_kv **d_kv;       /* (T_max) */
+    int *va, *vb, *cnt, *acc; /* (T_max) per sample of a verify chunk: its rows, tokens taken, draft accepted */
+    rollout_stats st;
 } engine;
 
 /* Grows sample q's arrays to hold one more token. */
@@ -195,7 +214,7 @@ static void sample_rows(engine *E, int n) {
     #pragma omp parallel for schedule(dynamic, 1) num_threads(E->nthr) if (n > 1)
     for (int i = 0; i < n; i++) {
         int th = omp_get_thread_num();
-        double *pr = E->probs + (size_t)th * V;
+        double *pr = E->probs + (size_t)th * 2 * V;
         rollout_cand *cd = E->cand + (size_t)th * V;
         const sample *s = &E->s[E->row_seq[i]];
         const float *row = logits + (size_t)E->row_at[i] * V;
@@ -272,6 +291,163 @@ static int take_row(engine *E, int i) {
     return 1;
 }
 
+/* ------------------------------------------------------------------------------------------ speculative */
+
+/* Runs the n MTP rows set up in d_* and draws a draft for every row with d_seq >= 0. With n = out[q].n tokens
+ * taken, next (index n - 1) is fed by the next step and the draft stands for token index n: its uniform is u[0] of
+ * spec block n, whose u[1] is the acceptance test in verify_rows. */
+static int run_drafts(engine *E, int n, mr_err *e) {
+    if (n == 0) return MR_OK;
+    int rc = model_mtp_draft(E->m, E->d_ids, E->d_hrow, E->d_kv, E->d_off, n, e);
+    if (rc) return rc;
+    const float *logits = model_mtp_logits(E->m, 1);
+    const int V = E->V;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(E->nthr) if (n > 1)
+    for (int i = 0; i < n; i++) {
+        const int q = E->d_seq[i];
+        if (q < 0) continue;
+        sample *s = &E->s[q];
+        double *qp = E->qprob + (size_t)s->slot * V;
+        rollout_sampler_probs(qp, logits + (size_t)i * V, V, E->o, E->cand + (size_t)omp_get_thread_num() * V);
+        double u[2];
+        float unused;
+        rollout_spec_uniforms(E->o->seed, E->pid[s->p], s->g, E->out[q].n, u);
+        s->draft = rollout_sample_row(qp, V, u[0], &unused);
+        s->has_draft = 1;
+    }
+    return MR_OK;
+}
+
+/* Verify chunk live[c0..c1) after model_decode_rows: sample k's rows are va[k] (its next token; its logits give
+ * token index n = out[q].n) and vb[k] (its draft, or -1). Accepts the draft with min(1, p/q) or resamples from
+ * norm(max(0, p − q)); after an accepted draft, row vb[k] gives a bonus token (index n + 1) from p as usual.
+ * Results go to row_* entries 2k (and 2k + 1), cnt[k] tokens, acc[k]. */
+static void verify_rows(engine *E, const int *live, int c0, int c1) {
+    const float *logits = model_logits(E->m);
+    const int V = E->V;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(E->nthr) if (c1 - c0 > 1)
+    for (int k = 0; k < c1 - c0; k++) {
+        const int th = omp_get_thread_num(), q = live[c0 + k], i0 = 2 * k;
+        double *pr = E->probs + (size_t)th * 2 * V, *res = pr + V;
+        rollout_cand *cd = E->cand + (size_t)th * V;
+        const sample *s = &E->s[q];
+        const int n = E->out[q].n, ra = E->va[k], rb = E->vb[k];
+        const float *za = logits + (size_t)ra * V;
+        E->row_seq[i0] = E->row_seq[i0 + 1] = q;
+        E->row_at[i0] = ra;
+        E->row_at[i0 + 1] = rb;
+        rollout_sampler_probs(pr, za, V, E->o, cd);
+        const double u_tok = rollout_uniform(E->o->seed, E->pid[s->p], s->g, n);
+        int32_t t;
+        float lps;
+        int acc = 0;
+        if (rb >= 0) {
+            const double *qp = E->qprob + (size_t)s->slot * V;
+            double u[2];
+            rollout_spec_uniforms(E->o->seed, E->pid[s->p], s->g, n, u);
+            const int32_t d = s->draft;
+            if (u[1] * qp[d] < pr[d]) { /* u < p/q */
+                acc = 1;
+                t = d;
+                lps = (float)log(pr[d]);
+            } else {
+                double z = 0;
+                for (int v = 0; v < V; v++) {
+                    res[v] = pr[v] > qp[v] ? pr[v] - qp[v] : 0;
+                    z += res[v];
+                }
+                float unused;
+                if (z > 0) {
+                    for (int v = 0; v < V; v++) res[v] /= z;
+                    t = rollout_sample_row(res, V, u_tok, &unused);
+                } else { /* p <= q everywhere: only rounding can get here; p itself is the residual's limit */
+                    t = rollout_sample_row(pr, V, u_tok, &unused);
+                }
+                lps = (float)log(pr[t]); /* the token's law is p: the sampler's log-prob is p's */
+            }
+        } else {
+            t = rollout_sample_row(pr, V, u_tok, &lps);
+        }
+        E->row_tok[i0] = t;
+        E->row_lps[i0] = lps;
+        logprob_forward(&E->row_lp[i0], za, &t, 1, V);
+        if (acc) {
+            const float *zb = logits + (size_t)rb * V;
+            rollout_sampler_probs(pr, zb, V, E->o, cd);
+            int32_t t2 = rollout_sample_row(pr, V, rollout_uniform(E->o->seed, E->pid[s->p], s->g, n + 1),
+                                            &E->row_lps[i0 + 1]);
+            E->row_tok[i0 + 1] = t2;
+            logprob_forward(&E->row_lp[i0 + 1], zb, &t2, 1, V);
+        }
+        E->cnt[k] = 1 + acc;
+        E->acc[k] = acc;
+    }
+}
+
+/* One speculative decode step over the live samples, in chunks of at most T_max rows (results do not depend on the
+ * chunking: the model arithmetic is batch-invariant). Compacts live[] to the samples still running. */
+static int spec_step(engine *E, int *live, int *n_live, int32_t *ids, int32_t *off, model_kv **kvp, mr_err *e) {
+    const int Tm = E->m->T_max, nl = *n_live;
+    int kept = 0, rc;
+    for (int c0 = 0; c0 < nl;) {
+        int nr = 0, c1 = c0;
+        while (c1 < nl && nr + 1 + E->s[live[c1]].has_draft <= Tm) nr += 1 + E->s[live[c1++]].has_draft;
+        nr = 0;
+        for (int i = c0; i < c1; i++) {
+            sample *s = &E->s[live[i]];
+            model_kv *kv = &E->slots[s->slot];
+            E->va[i - c0] = nr;
+            ids[nr] = s->next;
+            off[nr] = 0;
+            kvp[nr++] = kv;
+            E->vb[i - c0] = -1;
+            if (s->has_draft) {
+                E->vb[i - c0] = nr;
+                ids[nr] = s->draft;
+                off[nr] = 1;
+                kvp[nr++] = kv;
+            }
+        }
+        if ((rc = model_decode_rows(E->m, ids, kvp, off, nr, e))) return rc;
+        E->st.decode_steps++;
+        E->st.decode_rows += nr;
+        verify_rows(E, live, c0, c1);
+        int nd = 0;
+        for (int i = c0; i < c1; i++) {
+            const int q = live[i], k = i - c0;
+            sample *s = &E->s[q];
+            const int had = s->has_draft;
+            model_kv *kv = &E->slots[s->slot];
+            s->has_draft = 0;
+            E->st.drafted += had;
+            E->st.accepted += E->acc[k];
+            int r = take_row(E, 2 * k), taken = 1;
+            if (r == 0 && E->cnt[k] == 2) {
+                r = take_row(E, 2 * k + 1);
+                taken = 2;
+            }
+            if (r < 0) return err_set(e, r, "rollout: out of memory for the outputs");
+            if (r == 1) continue;
+            live[kept++] = q;            /* kept <= i: live[i] was read above */
+            if (had && !E->acc[k]) kv->len--; /* the rejected draft's cache entry is overwritten next step */
+            const rollout_seq *o = &E->out[q];
+            if (o->n + 2 > E->o->max_new_tokens) continue; /* one token left: no draft */
+            /* MTP rows: one per token taken (position by position), the last one drafts */
+            for (int j = 0; j < taken; j++) {
+                E->d_ids[nd] = o->tokens[o->n - taken + j];
+                E->d_hrow[nd] = j == 0 ? E->va[k] : E->vb[k];
+                E->d_off[nd] = j;
+                E->d_kv[nd] = &E->mslots[s->slot];
+                E->d_seq[nd++] = j == taken - 1 ? q : -1;
+            }
+        }
+        if ((rc = run_drafts(E, nd, e))) return rc;
+        c0 = c1;
+    }
+    *n_live = kept;
+    return MR_OK;
+}
+
 static int check_opts(const model *m, const tokenizer *tok, const int *plen, int n_prompts, int G,
                       const rollout_opts *o, mr_err *e) {
     const model_config *c = &m->p.cfg;
@@ -294,8 +470,9 @@ static int check_opts(const model *m, const tokenizer *tok, const int *plen, int
         if (!o->stop[k] || !o->stop[k][0]) return err_set(e, MR_EINVAL, "rollout: stop string %d is empty", k);
     if (o->eos >= c->vocab_size)
         return err_set(e, MR_EINVAL, "rollout: eos id %d is outside the vocabulary [0, %d)", o->eos, c->vocab_size);
-    if (o->mtp_speculative)
-        return err_set(e, MR_EINVAL, "rollout: MTP speculative decoding is not implemented yet");
+    if (o->mtp_speculative && c->num_nextn_predict_layers < 1)
+        return err_set(e, MR_EINVAL, "rollout: mtp_speculative needs a model with an MTP module "
+                                     "(num_nextn_predict_layers >= 1), got 0");
     if (c->moerl_swa_window > 0)
         return err_set(e, MR_EINVAL, "rollout: the latent KV cache does not support sliding-window attention");
     if (G > m->T_max)
@@ -325,6 +502,18 @@ static void engine_free(engine *E) {
     mem_free(E->row_lp);
     mem_free(E->probs);
     mem_free(E->cand);
+    mem_free(E->mslots);
+    mem_free_aligned(E->mcache);
+    mem_free(E->qprob);
+    mem_free(E->d_ids);
+    mem_free(E->d_hrow);
+    mem_free(E->d_off);
+    mem_free(E->d_seq);
+    mem_free(E->d_kv);
+    mem_free(E->va);
+    mem_free(E->vb);
+    mem_free(E->cnt);
+    mem_free(E->acc);
 }
 
 int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *prompts, const int *plen,
@@ -372,17 +561,45 @@ int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *promp
     E.slots = mem_calloc((size_t)n_slots, sizeof *E.slots);
     E.cache = mem_alloc_aligned(sizeof(float) * per * (size_t)n_slots);
     E.free_slots = mem_alloc(sizeof(int) * (size_t)n_slots);
-    E.row_seq = mem_alloc(sizeof(int) * (size_t)Tm);
-    E.row_at = mem_alloc(sizeof(int) * (size_t)Tm);
-    E.row_tok = mem_alloc(sizeof(int32_t) * (size_t)Tm);
-    E.row_lps = mem_alloc(sizeof(float) * (size_t)Tm);
-    E.row_lp = mem_alloc(sizeof(float) * (size_t)Tm);
-    E.probs = mem_alloc(sizeof(double) * (size_t)E.V * (size_t)E.nthr);
+    /* two entries per sample in a speculative verify chunk (up to T_max samples) */
+    E.row_seq = mem_alloc(sizeof(int) * 2 * (size_t)Tm);
+    E.row_at = mem_alloc(sizeof(int) * 2 * (size_t)Tm);
+    E.row_tok = mem_alloc(sizeof(int32_t) * 2 * (size_t)Tm);
+    E.row_lps = mem_alloc(sizeof(float) * 2 * (size_t)Tm);
+    E.row_lp = mem_alloc(sizeof(float) * 2 * (size_t)Tm);
+    E.probs = mem_alloc(sizeof(double) * 2 * (size_t)E.V * (size_t)E.nthr);
     E.cand = mem_alloc(sizeof(rollout_cand) * (size_t)E.V * (size_t)E.nthr);
     /* prefill batch and decode batch buffers */
     int32_t *ids = mem_alloc(sizeof(int32_t) * 3 * (size_t)Tm);
-    model_kv **kvp = mem_alloc(sizeof(model_kv *) * (size_t)Tm);
+    model_kv **kvp = mem_alloc(sizeof(model_kv *) * 2 * (size_t)Tm), **mkvp = kvp + Tm;
     int *live = mem_alloc(sizeof(int) * (size_t)n_slots);
+    size_t mfc = 0, mfk = 0, mper = 0;
+    E.spec = o->mtp_speculative;
+    if (E.spec) {
+        model_kv_floats_mtp(m, cap, &mfc, &mfk);
+        mper = (mfc + 15) / 16 * 16 + (mfk + 15) / 16 * 16;
+        E.mslots = mem_calloc((size_t)n_slots, sizeof *E.mslots);
+        E.mcache = mem_alloc_aligned(sizeof(float) * mper * (size_t)n_slots);
+        E.qprob = mem_alloc(sizeof(double) * (size_t)E.V * (size_t)n_slots);
+        E.d_ids = mem_alloc(sizeof(int32_t) * (size_t)Tm);
+        E.d_hrow = mem_alloc(sizeof(int32_t) * (size_t)Tm);
+        E.d_off = mem_alloc(sizeof(int32_t) * (size_t)Tm);
+        E.d_seq = mem_alloc(sizeof(int) * (size_t)Tm);
+        E.d_kv = mem_alloc(sizeof(model_kv *) * (size_t)Tm);
+        E.va = mem_alloc(sizeof(int) * (size_t)Tm);
+        E.vb = mem_alloc(sizeof(int) * (size_t)Tm);
+        E.cnt = mem_alloc(sizeof(int) * (size_t)Tm);
+        E.acc = mem_alloc(sizeof(int) * (size_t)Tm);
+        if (!E.mslots || !E.mcache || !E.qprob || !E.d_ids || !E.d_hrow || !E.d_off || !E.d_seq || !E.d_kv || !E.va ||
+            !E.vb || !E.cnt || !E.acc) {
+            rc = err_set(e, MR_ENOMEM, "rollout: out of memory (speculative decoding, %d slots)", n_slots);
+            goto fail;
+        }
+        for (int i = 0; i < n_slots; i++) {
+            float *base = E.mcache + mper * (size_t)i;
+            E.mslots[i] = (model_kv){.ckv = base, .kpe = base + (mfc + 15) / 16 * 16, .cap = cap, .len = 0};
+        }
+    }
     if (!E.s || !E.moe_layers || !E.slots || !E.cache || !E.free_slots || !E.row_seq || !E.row_at || !E.row_tok ||
         !E.row_lps || !E.row_lp || !E.probs || !E.cand || !ids || !kvp || !live) {
         rc = err_set(e, MR_ENOMEM, "rollout: out of memory (%d sequences, %d cache slots of %d tokens)", n_seq,
@@ -417,11 +634,13 @@ int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *promp
                 }
                 const int q0 = p * G;
                 for (int g = 0; g < G; g++) E.s[q0 + g].slot = E.free_slots[--E.n_free];
+                if (E.spec) mkvp[np] = &E.mslots[E.s[q0].slot];
                 kvp[np++] = &E.slots[E.s[q0].slot];
                 T += plen[p];
             }
             model_batch b = {.ids = ids, .pos = pos, .doc_start = doc, .T = T, .skip_mtp = 1};
-            if ((rc = model_prefill(m, &b, kvp, np, e))) goto fail;
+            if ((rc = E.spec ? model_prefill_mtp(m, &b, kvp, mkvp, np, e) : model_prefill(m, &b, kvp, np, e)))
+                goto fail;
             const size_t fl = (size_t)c->kv_lora_rank, kl = (size_t)c->qk_rope_head_dim;
             int n = 0, end = 0;
             for (int p = first; p < first + np; p++) {
@@ -438,6 +657,13 @@ int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *promp
                                    sizeof(float) * (size_t)plen[p] * kl);
                         }
                         dst->len = src->len;
+                        if (E.spec) { /* the MTP cache's prompt rows too */
+                            const model_kv *ms = &E.mslots[E.s[p * G].slot];
+                            model_kv *md = &E.mslots[E.s[q].slot];
+                            memcpy(md->ckv, ms->ckv, sizeof(float) * (size_t)ms->len * fl);
+                            memcpy(md->kpe, ms->kpe, sizeof(float) * (size_t)ms->len * kl);
+                            md->len = ms->len;
+                        }
                     }
                     E.row_seq[n] = q;
                     E.row_at[n] = end - 1;
@@ -445,17 +671,33 @@ int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *promp
                 }
             }
             sample_rows(&E, n);
+            int nd = 0;
             for (int i = 0; i < n; i++) {
                 int r = take_row(&E, i);
                 if (r < 0) {
                     rc = err_set(e, r, "rollout: out of memory for the outputs");
                     goto fail;
                 }
-                if (r == 0) live[n_live++] = E.row_seq[i];
+                if (r != 0) continue;
+                const int q = E.row_seq[i];
+                live[n_live++] = q;
+                E.s[q].has_draft = 0;
+                if (E.spec && out[q].n + 2 <= o->max_new_tokens) { /* MTP row plen - 1 drafts token index 1 */
+                    E.d_ids[nd] = E.s[q].next;
+                    E.d_hrow[nd] = E.row_at[i];
+                    E.d_off[nd] = 0;
+                    E.d_kv[nd] = &E.mslots[E.s[q].slot];
+                    E.d_seq[nd++] = q;
+                }
             }
+            if (E.spec && (rc = run_drafts(&E, nd, e))) goto fail;
         }
         if (n_live == 0) {
             if (next_p >= n_prompts) break;
+            continue;
+        }
+        if (E.spec) {
+            if ((rc = spec_step(&E, live, &n_live, ids, pos, kvp, e))) goto fail;
             continue;
         }
         /* one decode step over every live sample */
@@ -467,6 +709,8 @@ int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *promp
             E.row_at[i] = i;
         }
         if ((rc = model_decode_step(m, ids, kvp, n_live, e))) goto fail;
+        E.st.decode_steps++;
+        E.st.decode_rows += n_live;
         sample_rows(&E, n_live);
         int kept = 0;
         for (int i = 0; i < n_live; i++) {
@@ -479,6 +723,8 @@ int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *promp
         }
         n_live = kept;
     }
+    for (int q = 0; q < n_seq; q++) E.st.tokens += out[q].n;
+    if (o->stats) *o->stats = E.st;
     rc = MR_OK;
     goto done;
 fail:

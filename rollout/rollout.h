@@ -40,7 +40,12 @@ typedef struct rollout_opts {
     int32_t eos;          /* ends a completion (included as its last token); -1 = none */
     uint64_t seed;
     int record_experts;   /* fill rollout_seq.experts (routing replay) */
-    int mtp_speculative;  /* draft with the MTP module, verify with the main model (not implemented yet: MR_EINVAL) */
+    /* Draft one token with MTP module 1 and verify it with the main model in the next decode step (both positions
+     * in one step); accept with min(1, p/q), else resample from norm(max(0, p − q)) (Leviathan et al. 2023,
+     * Chen et al. 2023): the same distribution as plain decoding, the same tokens when greedy, and logp[] still
+     * the main model's. Needs num_nextn_predict_layers >= 1. */
+    int mtp_speculative;
+    struct rollout_stats *stats; /* optional: counters of this call (filled in, not accumulated) */
     /* Optional: called after each generated token, from the calling thread, in a fixed order (streaming output).
      * seq = p·G + g. */
     void (*on_token)(void *ctx, int seq, int32_t token);
@@ -48,6 +53,14 @@ typedef struct rollout_opts {
 } rollout_opts;
 
 rollout_opts rollout_opts_default(void);
+
+typedef struct rollout_stats {
+    int64_t decode_steps;  /* model forwards of the decode loop (prefills not counted) */
+    int64_t decode_rows;   /* rows they carried */
+    int64_t tokens;        /* tokens generated */
+    int64_t drafted;       /* MTP drafts verified */
+    int64_t accepted;      /* of which accepted */
+} rollout_stats;
 
 typedef enum { ROLLOUT_EOS = 0, ROLLOUT_STOP = 1, ROLLOUT_LENGTH = 2 } rollout_finish;
 
@@ -97,5 +110,9 @@ int32_t rollout_sample_row(const double *probs, int V, double u, float *logp_sam
  * rng_stream_id(ROLLOUT_RNG_PURPOSE, prompt_id, g) under seed, 53 bits. */
 #define ROLLOUT_RNG_PURPOSE 0x524f4c4cu /* "ROLL" */
 double rollout_uniform(uint64_t seed, int64_t prompt_id, int g, int i);
+/* Speculative decoding's two uniforms for the draft at token index i (u[0] draws the draft, u[1] the acceptance
+ * test): Philox block i of rng_stream_id(ROLLOUT_SPEC_PURPOSE, prompt_id, g), 53 bits each. */
+#define ROLLOUT_SPEC_PURPOSE 0x53504543u /* "SPEC" */
+void rollout_spec_uniforms(uint64_t seed, int64_t prompt_id, int g, int i, double u[2]);
 
 #endif

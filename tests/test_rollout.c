@@ -628,3 +628,170 @@ Test(rollout, generate_cli) {
     tu_rmtree(dir);
     free(dir);
 }
+
+/* ---- MTP speculative decoding ---- */
+
+static void expect_same_seqs(const rollout_seq *a, const rollout_seq *b, int n) {
+    for (int q = 0; q < n; q++) {
+        cr_assert_eq(a[q].n, b[q].n, "seq %d: %d tokens plain, %d speculative", q, a[q].n, b[q].n);
+        cr_expect_eq(a[q].finish, b[q].finish);
+        cr_expect(memcmp(a[q].tokens, b[q].tokens, sizeof(int32_t) * (size_t)a[q].n) == 0, "seq %d: tokens differ", q);
+        cr_expect(memcmp(a[q].logp, b[q].logp, sizeof(float) * (size_t)a[q].n) == 0, "seq %d: logp differ", q);
+        cr_expect(memcmp(a[q].logp_sampler, b[q].logp_sampler, sizeof(float) * (size_t)a[q].n) == 0, "seq %d", q);
+        if (a[q].experts)
+            cr_expect(memcmp(a[q].experts, b[q].experts, sizeof(int32_t) * (size_t)a[q].n * a[q].n_moe_layers * a[q].K) == 0,
+                      "seq %d: experts differ", q);
+    }
+}
+
+/* Greedy: the same tokens, log-probs and routing as plain decoding, with a roomy batch and with T_max = 8 (9
+ * samples: the verify rows of a step come in chunks). */
+Test(rollout, mtp_speculative_greedy_identical) {
+    const int tmax[2] = {256, 8};
+    for (int v = 0; v < 2; v++) {
+        model m;
+        make_model(&m, 53, tmax[v], MM_DET);
+        const int32_t *pp[NP];
+        make_prompts(53, pp);
+        int64_t pid[NP] = {0, 1, 2};
+        rollout_opts o = rollout_opts_default();
+        o.temperature = 0;
+        o.max_new_tokens = MAXNEW;
+        o.record_experts = 1;
+        o.eos = 5;
+        rollout_seq a[NP * G], b[NP * G];
+        rollout_stats sa, sb;
+        o.stats = &sa;
+        generate(&m, NULL, pp, PLEN, pid, NP, G, &o, a);
+        o.mtp_speculative = 1;
+        o.stats = &sb;
+        generate(&m, NULL, pp, PLEN, pid, NP, G, &o, b);
+        expect_same_seqs(a, b, NP * G);
+        cr_expect_eq(sa.tokens, sb.tokens);
+        cr_expect_eq(sa.drafted, 0);
+        cr_expect_gt(sb.drafted, 0);
+        cr_expect_leq(sb.accepted, sb.drafted);
+        /* plain: one row per token after the first; speculative: at most as many steps */
+        cr_expect_eq(sa.decode_rows, sa.tokens - NP * G);
+        if (v == 0) cr_expect_leq(sb.decode_steps, sa.decode_steps); /* (T_max = 8 splits steps in chunks) */
+        if (v == 0) check_against_trainer(&m, pp, b, NP * G, 1);
+        free_seqs(a, NP * G);
+        free_seqs(b, NP * G);
+        model_free(&m);
+    }
+}
+
+/* Sampling: log-probs bit-equal to the trainer's forward, drafts both accepted and rejected. */
+Test(rollout, mtp_speculative_logp_bit_equal_to_trainer) {
+    model m;
+    make_model(&m, 53, 256, MM_DET);
+    const int32_t *pp[NP];
+    make_prompts(53, pp);
+    int64_t pid[NP] = {0, 1, 2};
+    rollout_opts o = rollout_opts_default();
+    o.temperature = 1.3f;
+    o.top_p = 0.95f;
+    o.max_new_tokens = MAXNEW;
+    o.seed = 11;
+    o.record_experts = 1;
+    o.mtp_speculative = 1;
+    rollout_stats st;
+    o.stats = &st;
+    rollout_seq out[NP * G];
+    generate(&m, NULL, pp, PLEN, pid, NP, G, &o, out);
+    for (int q = 0; q < NP * G; q++) cr_assert_eq(out[q].n, MAXNEW);
+    cr_expect_gt(st.accepted, 0, "no draft accepted out of %lld", (long long)st.drafted);
+    cr_expect_lt(st.accepted, st.drafted, "every draft accepted");
+    double worst = check_against_trainer(&m, pp, out, NP * G, 1);
+    cr_expect_eq(worst, 0.0);
+    free_seqs(out, NP * G);
+    model_free(&m);
+}
+
+/* The accept/resample rule keeps the sampler's distribution: over 400 samples of one prompt, the first token is
+ * drawn as in plain decoding (same uniforms) and the second, the verified draft, fits the exact conditional
+ * distribution p(. | prompt, first) (chi-square over bins of expected count >= 5). */
+Test(rollout, mtp_speculative_same_distribution) {
+    enum { N = 400, V = 53 };
+    model m;
+    make_model(&m, V, N, MM_DET);
+    const int32_t *pp[NP];
+    make_prompts(V, pp);
+    int64_t pid = 9;
+    int plen = PLEN[0];
+    rollout_opts o = rollout_opts_default();
+    o.temperature = 1.0f;
+    o.max_new_tokens = 3;
+    o.seed = 3;
+    rollout_seq *a = malloc(sizeof *a * N), *b = malloc(sizeof *b * N);
+    generate(&m, NULL, pp, &plen, &pid, 1, N, &o, a);
+    rollout_stats st;
+    o.mtp_speculative = 1;
+    o.stats = &st;
+    generate(&m, NULL, pp, &plen, &pid, 1, N, &o, b);
+    cr_expect_eq(st.drafted, N);
+    double expect[V] = {0};
+    int count[2][V] = {{0}}, differ = 0;
+    int32_t ids[8];
+    memcpy(ids, pp[0], sizeof(int32_t) * (size_t)plen);
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(a[i].tokens[0], b[i].tokens[0]);
+        count[0][a[i].tokens[1]]++;
+        count[1][b[i].tokens[1]]++;
+        differ += a[i].tokens[1] != b[i].tokens[1];
+        ids[plen] = a[i].tokens[0];
+        model_batch mb = {.ids = ids, .T = plen + 1, .skip_mtp = 1};
+        mr_err e = {0};
+        cr_assert_eq(model_forward(&m, &mb, 0, NULL, &e), MR_OK, "%s", e.msg);
+        const float *z = model_logits(&m) + (size_t)plen * V;
+        double mx = z[0], sum = 0;
+        for (int v = 1; v < V; v++) mx = z[v] > mx ? z[v] : mx;
+        for (int v = 0; v < V; v++) sum += exp((double)z[v] - mx);
+        for (int v = 0; v < V; v++) expect[v] += exp((double)z[v] - mx) / sum;
+    }
+    cr_expect_gt(differ, 20, "speculative draws should differ from plain ones (%d differ)", differ);
+    for (int k = 0; k < 2; k++) {
+        double chi2 = 0, rest_e = 0;
+        int rest_c = 0, dof = -1;
+        for (int v = 0; v < V; v++) {
+            if (expect[v] >= 5) {
+                chi2 += (count[k][v] - expect[v]) * (count[k][v] - expect[v]) / expect[v];
+                dof++;
+            } else {
+                rest_e += expect[v];
+                rest_c += count[k][v];
+            }
+        }
+        if (rest_e > 0) chi2 += (rest_c - rest_e) * (rest_c - rest_e) / rest_e, dof++;
+        cr_assert_gt(dof, 5);
+        cr_expect_lt(chi2, dof + 5 * sqrt(2.0 * dof), "%s: chi2 %.1f with %d dof", k ? "speculative" : "plain", chi2,
+                     dof);
+    }
+    free_seqs(a, N);
+    free_seqs(b, N);
+    free(a);
+    free(b);
+    model_free(&m);
+}
+
+Test(rollout, mtp_speculative_needs_mtp_module) {
+    model_config c;
+    small_config(&c, 53);
+    c.num_nextn_predict_layers = 0;
+    model_params p;
+    random_params(&p, &c);
+    model m;
+    model_opts opt = {.mm = MM_DET};
+    mr_err e = {0};
+    cr_assert_eq(model_init(&m, &p, &opt, 16, &e), MR_OK, "%s", e.msg);
+    const int32_t *pp[NP];
+    make_prompts(53, pp);
+    int64_t pid[NP] = {0, 1, 2};
+    rollout_opts o = rollout_opts_default();
+    o.mtp_speculative = 1;
+    rollout_seq out[NP];
+    memset(out, 0, sizeof out);
+    cr_expect_eq(rollout_generate(&m, NULL, pp, PLEN, pid, NP, 1, &o, out, &e), MR_EINVAL);
+    cr_expect_str_eq(e.msg, "rollout: mtp_speculative needs a model with an MTP module (num_nextn_predict_layers >= 1), got 0");
+    model_free(&m);
+}
