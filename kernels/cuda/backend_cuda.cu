@@ -8,6 +8,7 @@
 
 #include "core/rng.h"
 #include "kernels/backend.h"
+#include "kernels/cuda/dense_cuda.h"
 
 // One checking macro per library: records file:line and the library's own error string (STYLE.md "Errors").
 #define CUDA_CHECK(call, e)                                                                                    \
@@ -37,9 +38,10 @@ static int cuda_to_host(void *dst, const void *src, size_t n, mr_err *e) {
     return MR_OK;
 }
 
+// Also reports the first failure of the table's void ops since the last sync (dense_cuda.h).
 static int cuda_sync(mr_err *e) {
     CUDA_CHECK(cudaDeviceSynchronize(), e);
-    return MR_OK;
+    return dense_cuda_take_error(e);
 }
 
 __global__ static void fill_normal_kernel(float *x, size_t n, float mean, float std, uint64_t seed, uint64_t stream) {
@@ -81,6 +83,19 @@ static backend make_cuda_backend() {
     b.sync = cuda_sync;
     b.fill_normal = cuda_fill_normal;
     b.axpy = cuda_axpy;
+    // The dense ops (kernels/cuda/dense_cuda.cu). Attention, SWA attention and MoE are not ported yet: left NULL,
+    // so backend_has_model_ops is 0 and model_init refuses this table with a message naming the backend.
+    b.matmul_forward = cuda_matmul_forward;
+    b.matmul_backward = cuda_matmul_backward;
+    b.rmsnorm_forward = cuda_rmsnorm_forward;
+    b.rmsnorm_backward = cuda_rmsnorm_backward;
+    b.swiglu_forward = cuda_swiglu_forward;
+    b.swiglu_backward = cuda_swiglu_backward;
+    b.embedding_forward = cuda_embedding_forward;
+    b.embedding_backward = cuda_embedding_backward;
+    b.xent_forward_backward = cuda_xent_forward_backward;
+    b.rope_forward = cuda_rope_forward;
+    b.rope_backward = cuda_rope_backward;
     return b;
 }
 static const backend cuda_backend = make_cuda_backend();
