@@ -50,13 +50,21 @@ static int on_run(void *ud, const runstore_run *run) {
 #define N_ROWS 3
 static const char *const table_names[N_ROWS] = {"eval/exact_match", "eval/reward_mean", "eval/exact_match_n"};
 
+#define RWIN 10 /* steps averaged at each end of the run for the rollouts' reward/mean */
+
 typedef struct {
     int64_t first_step, last_step;
     double first[N_ROWS], last[N_ROWS];
+    double reward[4096]; /* reward/mean by step (sampled rollouts), NaN where absent */
+    int64_t max_step;
 } before_after;
 
 static int on_metric(void *ud, int64_t step, const char *name, double value) {
     before_after *b = ud;
+    if (!strcmp(name, "reward/mean") && step >= 0 && step < 4096) {
+        b->reward[step] = value;
+        if (step > b->max_step) b->max_step = step;
+    }
     for (int i = 0; i < N_ROWS; i++) {
         if (strcmp(name, table_names[i])) continue;
         if (step < b->first_step || isnan(b->first[i])) {
@@ -80,6 +88,8 @@ static int print_table(const char *store, mr_err *e) {
     if (!f.id) goto done;
     before_after b = {.first_step = INT64_MAX, .last_step = -1};
     for (int i = 0; i < N_ROWS; i++) b.first[i] = b.last[i] = NAN;
+    for (int i = 0; i < 4096; i++) b.reward[i] = NAN;
+    b.max_step = -1;
     if ((rc = runstore_foreach_metric(rs, f.id, on_metric, &b, e))) goto done;
     if (b.last_step < 0) goto done;
     printf("\nbefore/after GRPO (run %lld in %s, the same held-out problems, greedy):\n", (long long)f.id, store);
@@ -96,6 +106,20 @@ static int print_table(const char *store, mr_err *e) {
         }
         printf("  %-22s %16s %16s %10s\n", table_names[i], cell[0], cell[1], cell[2]);
     }
+    /* the sampled rollouts' reward: mean of the first and of the last RWIN steps */
+    double r0 = 0, r1 = 0;
+    int n0 = 0, n1 = 0;
+    for (int64_t st = 0; st <= b.max_step; st++) {
+        if (isnan(b.reward[st])) continue;
+        if (n0 < RWIN) r0 += b.reward[st], n0++;
+    }
+    for (int64_t st = b.max_step; st >= 0; st--) {
+        if (isnan(b.reward[st])) continue;
+        if (n1 < RWIN) r1 += b.reward[st], n1++;
+    }
+    if (n0 && n1)
+        printf("  %-22s %16.3f %16.3f %+9.3f   (sampled rollouts, mean of the first/last %d steps)\n",
+               "reward/mean", r0 / n0, r1 / n1, r1 / n1 - r0 / n0, RWIN);
     printf("  (%g problems; step %lld vs step %lld)\n", b.last[2], (long long)b.first_step, (long long)b.last_step);
 done:
     runstore_close(rs);

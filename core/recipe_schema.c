@@ -199,6 +199,8 @@ static const recipe_field grpo_fields[] = {
     {"micro_batch_tokens", RT_INT, .def = "4096", GE(1), .doc = "most tokens in one forward/backward micro-batch"},
     {"mu", RT_INT, .def = "1", GE(1), .doc = "policy iterations over each rollout (TRL's num_iterations)"},
     {"lr", RT_FLOAT, GT(0), .doc = "learning rate of the GRPO job (unset: optim.lr)"},
+    {"schedule", RT_ENUM, .values = schedule_values, .doc = "lr schedule of the GRPO job (unset: optim.schedule)"},
+    {"warmup_steps", RT_INT, GE(0), .doc = "lr warmup of the GRPO job in optimizer steps (unset: optim.warmup_steps)"},
     {"init_from", RT_STRING, .doc = "checkpoint the policy and reference start from (unset: the model section)"},
     {"scale_rewards", RT_ENUM, .def = "group", .values = scale_values,
      .doc = "advantage divisor: group std (GRPO), batch std, or none (Dr. GRPO)"},

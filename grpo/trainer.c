@@ -61,9 +61,12 @@ int grpo_cfg_from_recipe(grpo_cfg *c, const recipe *r, mr_err *e) {
     c->adam = (adamw_cfg){.beta1 = recipe_float(r, "optim.betas[0]"), .beta2 = recipe_float(r, "optim.betas[1]"),
                           .eps = recipe_float(r, "optim.eps"), .weight_decay = recipe_float(r, "optim.weight_decay")};
     c->sched = (sched_cfg){.lr = recipe_is_set(r, "grpo.lr") ? recipe_float(r, "grpo.lr") : recipe_float(r, "optim.lr"),
-                           .warmup_steps = recipe_int(r, "optim.warmup_steps"), .total_steps = c->steps,
+                           .warmup_steps = recipe_int(r, recipe_is_set(r, "grpo.warmup_steps") ? "grpo.warmup_steps"
+                                                                                                 : "optim.warmup_steps"),
+                           .total_steps = c->steps,
                            .min_lr_ratio = recipe_float(r, "optim.min_lr_ratio")};
-    int rc = sched_kind_parse(recipe_str(r, "optim.schedule"), &c->sched.kind, e);
+    int rc = sched_kind_parse(recipe_str(r, recipe_is_set(r, "grpo.schedule") ? "grpo.schedule" : "optim.schedule"),
+                              &c->sched.kind, e);
     if (rc) return rc;
     c->grad_clip = recipe_float(r, "optim.grad_clip");
     c->bias_gamma = (float)recipe_float(r, "grpo.bias_update_speed");
