@@ -389,6 +389,7 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
     m->T = T;
     m->trained = 0;
     m->mtp_trained = 0;
+    m->mtp_ran = 0;
     model_loss ls;
     memset(&ls, 0, sizeof ls);
 
@@ -460,6 +461,7 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
     }
     m->trained = train;
     m->mtp_trained = train ? D : 0;
+    m->mtp_ran = D < T - 1 ? D : T - 1;
     rc = MR_OK;
 done:
     mem_free(pos_default);
@@ -710,7 +712,10 @@ int model_policy_grad(model *m, const model_batch *b, const float *coef, mr_err 
 
 const float *model_logits(const model *m) { return m->logits; }
 const float *model_mtp_logits(const model *m, int k) { return m->mtp[k - 1].logits; }
-const int64_t *model_layer_load(const model *m, int l) { return m->acts[l].is_moe ? m->acts[l].moe.load : NULL; }
+const int64_t *model_layer_load(const model *m, int l) {
+    if (l >= m->p.cfg.num_hidden_layers + m->mtp_ran) return NULL; /* an MTP layer the latest forward skipped */
+    return m->acts[l].is_moe ? m->acts[l].moe.load : NULL;
+}
 const int32_t *model_layer_experts(const model *m, int l) { return m->acts[l].is_moe ? m->acts[l].moe.idx : NULL; }
 
 /* ------------------------------------------------------------------------------------------ latent KV cache */
@@ -830,6 +835,7 @@ int model_decode_rows(model *m, const int32_t *ids, model_kv *const *kv, const i
     m->T = B;
     m->trained = 0;
     m->mtp_trained = 0;
+    m->mtp_ran = 0;
     model_batch b = {.ids = ids, .pos = m->dec_pos, .T = B, .skip_mtp = 1};
     BE->embedding_forward(m->resid, ids, m->p.w.embed, B, d);
     m->dec_off = off;

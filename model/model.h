@@ -86,6 +86,7 @@ typedef struct model {
     int T;                  /* of the latest forward */
     int trained;            /* the latest forward kept gradients of the logits */
     int mtp_trained;        /* MTP depths whose logits hold gradients (0 after model_policy_grad) */
+    int mtp_ran;            /* MTP depths the latest forward ran (their layers' loads are valid) */
     const float **kv_ptr;   /* (2·T_max) per-row latent / RoPE-key pointers of the absorbed attention */
     int32_t *kv_len;        /* (T_max) per-row key counts of the absorbed attention */
     int32_t *dec_pos;       /* (T_max) positions of a decode step */
@@ -158,7 +159,8 @@ const int32_t *model_layer_experts(const model *m, int l);
 /* Main logits (T, V) of the latest forward with train == 0; MTP depth k (1-based) logits (T-k, V). */
 const float *model_logits(const model *m);
 const float *model_mtp_logits(const model *m, int k);
-/* Expert loads (E) of main-model layer l from the latest forward; NULL for a dense layer. */
+/* Expert loads (E) of layer l (main layers, then MTP layers) from the latest forward; NULL for a dense layer
+ * and for an MTP layer the latest forward did not run (skip_mtp, MTP weight 0, decode). */
 const int64_t *model_layer_load(const model *m, int l);
 
 #endif

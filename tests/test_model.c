@@ -324,6 +324,8 @@ Test(model_grad, policy_gradient_coefficients) {
     model_loss ls;
     cr_assert_neq(model_policy_grad(&m, &b, coef, &e), MR_OK, "needs a forward first");
     cr_assert_eq(model_forward(&m, &b, 0, &ls, &e), MR_OK, "%s", e.msg);
+    cr_assert_not_null(model_layer_load(&m, 1), "a main MoE layer has loads");
+    cr_assert_null(model_layer_load(&m, 3), "the MTP layer did not run (skip_mtp): no loads to read");
     cr_assert_eq(model_policy_grad(&m, &b, coef, &e), MR_OK, "%s", e.msg);
     cr_assert_eq(model_backward(&m, &b, &e), MR_OK, "%s", e.msg);
     int checked = 0, bad = 0, mtp_nonzero = 0;
