@@ -1,22 +1,30 @@
-/* bench_rollout.c: the rollout engine's figures on the tiny preset (config_tiny, random weights). A benchmark, not
- * a test: prints figures, asserts nothing.
- * Usage: bench_rollout [threads (default 2)] [seconds per figure (default 0.5)] [train|decode (default both)]
+/* bench_rollout.c: the rollout engine's figures on the tiny preset (config_tiny) and the ~100M preset of
+ * `moerl bench model --preset 100m`, random weights. A benchmark, not a test: prints figures, asserts nothing.
+ * Usage: bench_rollout [threads (default 2)] [seconds per figure (default 0.5)]
+ *                      [decode (default) | all | train | decode-notorch | spec | one tiny|100m det|fast B [N]]
  *
- *   1. the training forward (train = 0, and train = 1 + backward) with the absorbed attention (MM_DET default,
- *      what makes rollout log-probs exact) against the non-absorbed one (model_opts.attn_naive), T = 512 in
- *      4 packed documents;
- *   2. prefill tokens/s (one prompt of 128 tokens) and decode tokens/s at batch 1, 16, 128 (contexts of 128 + the
- *      tokens decoded so far), MM_DET and MM_FAST;
- *   3. KV bytes per token: latent (r_kv + d_rope per layer) vs full multi-head K and V, bf16;
- *   4. (mode "spec" or default) MTP speculative decoding through rollout_generate, greedy and T = 1, batch 1 and
- *      16: tokens/s plain vs speculative, acceptance rate. With random weights the MTP module drafts at random:
- *      the acceptance (and speed-up) of a trained model is higher; this measures the machinery's cost. */
+ *   1. (train) the training forward (train = 0, and train = 1 + backward) with the absorbed attention (MM_DET
+ *      default, what makes rollout log-probs exact) against the non-absorbed one (model_opts.attn_naive), T = 512
+ *      in 4 packed documents, tiny preset;
+ *   2. (decode) for both presets: prefill tokens/s (B prompts of 32 tokens) and decode tokens/s (16 steps) at batch
+ *      1, 16, 128, MM_DET and MM_FAST, next to a same-run PyTorch decode with a KV cache (bench/torch_decode.py,
+ *      /usr/bin/python3; skipped with the reason when torch is missing) and the memory-bandwidth bound of batch-1
+ *      decode (fp32 bytes of the weights one token reads over the bandwidth measured in the same run); the ratios
+ *      against the targets (batch-1 decode >= 60% of the bound, batch 16 >= 5x PyTorch); KV bytes per token,
+ *      latent vs full multi-head K and V;
+ *   3. (spec) MTP speculative decoding through rollout_generate, greedy and T = 1, batch 1 and 16, tiny preset:
+ *      tokens/s plain vs speculative, acceptance rate. With random weights the MTP module drafts at random: the
+ *      acceptance (and speed-up) of a trained model is higher; this measures the machinery's cost. */
+#include <cjson/cJSON.h>
+#include <errno.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "core/mem.h"
 #include "kernels/cpu/attention.h"
@@ -25,6 +33,9 @@
 #include "model/params.h"
 #include "model/setup.h"
 #include "rollout/rollout.h"
+
+/* cli/cmd_bench.c: the ~100M preset of `moerl bench model --preset 100m` (one definition, shared) */
+void bench_config_100m(model_config *c);
 
 static double now(void) {
     struct timespec ts;
@@ -125,51 +136,295 @@ static void bench_attn_only(const model_config *c, double *naive, double *absorb
     free(q), free(k), free(v), free(out), free(lse), free(cn), free(kpe), free(w), free(pc), free(pk);
 }
 
-/* prefill tokens/s of one 128-token prompt, decode tokens/s at batch B (steps after a 128-token prefill) */
-static void bench_decode(const model_config *c, mm_mode mm, int B, double *prefill_tps, double *decode_tps) {
-    enum { P = 128, STEPS = 32 };
+/* Prefill and decode through the model's inference entry points (what rollout_generate runs, minus sampling):
+ * B prompts of P tokens (distinct ids), prefilled in packed chunks of at most PREFILL_CHUNK prompts
+ * (model_prefill, each prompt into its own latent cache); then N decode steps of the B sequences
+ * (model_decode_step, fixed ids). prefill tok/s = B·P / best seconds of the whole prefill (repeated while under
+ * secs); decode tok/s = B·N / seconds of N steps, best of 2 rounds after one warm-up step (a shared 2-core machine
+ * makes single rounds noisy). */
+enum { PREFILL_CHUNK = 16 };
+static void bench_decode(const model_config *c, mm_mode mm, int B, int P, int N, double *prefill_tps,
+                         double *decode_tps) {
     model m;
-    build(&m, c, mm, 0, B > P ? B : P);
+    const int Tp = PREFILL_CHUNK * P;
+    build(&m, c, mm, 0, B > Tp ? B : Tp);
     size_t fc, fk;
-    model_kv_floats(&m, P + STEPS + 1, &fc, &fk);
+    model_kv_floats(&m, P + 2 * N + 1, &fc, &fk);
     model_kv *kv = calloc((size_t)B, sizeof *kv);
     model_kv **kvp = malloc(sizeof *kvp * (size_t)B);
     float *mem = malloc(sizeof(float) * (fc + fk) * (size_t)B);
-    int32_t ids[P], *step = malloc(sizeof(int32_t) * (size_t)B);
-    for (int i = 0; i < P; i++) ids[i] = (int32_t)((i * 31 + 7) % c->vocab_size);
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)Tp * 3), *pos = ids + Tp, *doc = ids + 2 * Tp;
+    int32_t *step = malloc(sizeof(int32_t) * (size_t)B);
+    if (!kv || !kvp || !mem || !ids || !step) {
+        fprintf(stderr, "bench_rollout: out of memory\n");
+        exit(1);
+    }
     for (int b = 0; b < B; b++) {
         kv[b] = (model_kv){.ckv = mem + (fc + fk) * (size_t)b, .kpe = mem + (fc + fk) * (size_t)b + fc,
-                           .cap = P + STEPS + 1};
+                           .cap = P + 2 * N + 1};
         kvp[b] = &kv[b];
         step[b] = (int32_t)((b * 17 + 3) % c->vocab_size);
     }
     mr_err e = {0};
-    model_batch pb = {.ids = ids, .T = P};
     double best = 1e30, end = now() + secs;
     do {
         double t0 = now();
-        if (model_prefill(&m, &pb, kvp, 1, &e)) die(&e);
+        for (int c0 = 0; c0 < B; c0 += PREFILL_CHUNK) {
+            int n = B - c0 < PREFILL_CHUNK ? B - c0 : PREFILL_CHUNK;
+            for (int k = 0; k < n; k++)
+                for (int j = 0; j < P; j++) {
+                    ids[k * P + j] = (int32_t)(((c0 + k) * 131 + j * 31 + 7) % c->vocab_size);
+                    pos[k * P + j] = j;
+                    doc[k * P + j] = k * P;
+                }
+            model_batch pb = {.ids = ids, .pos = pos, .doc_start = doc, .T = n * P, .skip_mtp = 1};
+            if (model_prefill(&m, &pb, kvp + c0, n, &e)) die(&e);
+        }
         double dt = now() - t0;
         if (dt < best) best = dt;
     } while (now() < end);
-    *prefill_tps = P / best;
-    for (int b = 1; b < B; b++) { /* every sequence starts from the same prompt cache */
-        memcpy(kv[b].ckv, kv[0].ckv, sizeof(float) * fc);
-        memcpy(kv[b].kpe, kv[0].kpe, sizeof(float) * fk);
-        kv[b].len = kv[0].len;
+    *prefill_tps = (double)B * P / best;
+    if (model_decode_step(&m, step, kvp, B, &e)) die(&e); /* warm-up step, not timed */
+    double dbest = 1e30;
+    for (int r = 0; r < 2; r++) { /* best of 2 rounds of N steps (contexts P+1 .. P+2N) */
+        double t0 = now();
+        for (int s = 0; s < N; s++)
+            if (model_decode_step(&m, step, kvp, B, &e)) die(&e);
+        if (now() - t0 < dbest) dbest = now() - t0;
     }
-    double t0 = now();
-    int steps = 0;
-    while (steps < STEPS && (steps < 2 || now() - t0 < secs)) {
-        if (model_decode_step(&m, step, kvp, B, &e)) die(&e);
-        steps++;
-    }
-    *decode_tps = (double)B * steps / (now() - t0);
+    *decode_tps = (double)B * N / dbest;
     free(step);
+    free(ids);
     free(mem);
     free(kvp);
     free(kv);
     model_free(&m);
+}
+
+/* The same decode through the engine (rollout_generate, MM_DET: sampling at T = 1 with the full log-prob
+ * bookkeeping): one prompt of P tokens, G = B samples; decode tok/s = B·N / (t(1 + N new) − t(1 new)), so the
+ * shared prefill and the first token cancel out (each time the best of 2, after a warm-up call). */
+static double bench_engine(const model_config *c, int B, int P, int N) {
+    model m;
+    build(&m, c, MM_DET, 0, B > P ? B : P);
+    int32_t *prompt = malloc(sizeof(int32_t) * (size_t)P);
+    rollout_seq *out = mem_calloc((size_t)B, sizeof *out);
+    if (!prompt || !out) {
+        fprintf(stderr, "bench_rollout: out of memory\n");
+        exit(1);
+    }
+    for (int j = 0; j < P; j++) prompt[j] = (int32_t)((j * 37 + 11) % c->vocab_size);
+    const int32_t *pp = prompt;
+    int64_t pid = 0;
+    double t[2] = {1e30, 1e30};
+    for (int k = 0; k < 5; k++) { /* a warm-up call, then each length twice (best) */
+        rollout_opts o = rollout_opts_default();
+        o.max_new_tokens = k % 2 ? 1 : 1 + N;
+        mr_err e = {0};
+        double t0 = now();
+        if (rollout_generate(&m, NULL, &pp, &P, &pid, 1, B, &o, out, &e)) die(&e);
+        double dt = now() - t0;
+        if (k && dt < t[k % 2 ? 0 : 1]) t[k % 2 ? 0 : 1] = dt;
+        for (int q = 0; q < B; q++) rollout_seq_free(&out[q]);
+    }
+    mem_free(out);
+    free(prompt);
+    model_free(&m);
+    return (double)B * N / (t[1] - t[0]);
+}
+
+/* ---- the memory-bandwidth bound of batch-1 decode ----
+ * Bandwidth, same run, same thread count: best of 5 passes of (a) a read-only sum over 256 MiB (what decode does to
+ * its weights) and (b) a STREAM triad a = b + s·c over 3 × 128 MiB (bytes counted as STREAM does: 3 per element,
+ * no write-allocate). The bound uses the larger of the two (the stricter bound). */
+static void measure_bandwidth(double *read_gbs, double *triad_gbs) {
+    const size_t n = (size_t)32 << 20; /* floats: 128 MiB per array */
+    float *a = malloc(sizeof(float) * n * 3);
+    if (!a) {
+        fprintf(stderr, "bench_rollout: out of memory (bandwidth arrays)\n");
+        exit(1);
+    }
+    float *b = a + n, *c = b + n;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) a[i] = 1.0f, b[i] = 2.0f, c[i] = (float)(i & 7);
+    double best_r = 1e30, best_t = 1e30, sink = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        double t0 = now(), s = 0;
+        /* 64 float partial sums per block of 64: independent vector adds, so the loop is bound by loads, not by
+         * the latency of one accumulator */
+#pragma omp parallel for schedule(static) reduction(+ : s)
+        for (size_t i0 = 0; i0 < 2 * n; i0 += 1 << 20) { /* b and c: 256 MiB */
+            float acc[64] = {0};
+            for (size_t i = i0; i < i0 + (1 << 20); i += 64)
+                for (int k = 0; k < 64; k++) acc[k] += b[i + k];
+            for (int k = 0; k < 64; k++) s += acc[k];
+        }
+        double dt = now() - t0;
+        sink += s;
+        if (dt < best_r) best_r = dt;
+        t0 = now();
+        const float k = 0.5f + (float)rep;
+#pragma omp parallel for simd schedule(static)
+        for (size_t i = 0; i < n; i++) a[i] = b[i] + k * c[i];
+        dt = now() - t0;
+        if (dt < best_t) best_t = dt;
+    }
+    if (sink == 42.0) printf("%g\n", (double)a[n / 2]); /* keep the loops */
+    *read_gbs = (double)(2 * n * sizeof(float)) / best_r * 1e-9;
+    *triad_gbs = (double)(3 * n * sizeof(float)) / best_t * 1e-9;
+    free(a);
+}
+
+/* ---- the same-run PyTorch decode (bench/torch_decode.py) ---- */
+typedef struct torch_dec {
+    int ok;
+    double prefill[3], decode[3]; /* batch 1, 16, 128 */
+    char version[32], cache[128];
+    char why[1024];
+} torch_dec;
+
+static int file_exists(const char *p) {
+    FILE *f = fopen(p, "r");
+    if (f) fclose(f);
+    return f != NULL;
+}
+
+/* $MOERL_SRC/bench, else ./bench, else the source tree this file was compiled from */
+static int find_script(char *out, size_t cap) {
+    const char *src = getenv("MOERL_SRC");
+    if (src && *src) {
+        snprintf(out, cap, "%s/bench/torch_decode.py", src);
+        if (file_exists(out)) return 1;
+    }
+    snprintf(out, cap, "bench/torch_decode.py");
+    if (file_exists(out)) return 1;
+    const char *me = __FILE__, *cut = strstr(me, "bench/bench_rollout.c");
+    if (cut) {
+        snprintf(out, cap, "%.*sbench/torch_decode.py", (int)(cut - me), me);
+        if (file_exists(out)) return 1;
+    }
+    return 0;
+}
+
+static void run_torch_decode(torch_dec *r, const model_config *c, int threads, int P, int N) {
+    memset(r, 0, sizeof *r);
+    char script[2048], dir[] = "/tmp/bench_rollout.XXXXXX", cfg[2100], cmd[8192];
+    if (!find_script(script, sizeof script)) {
+        snprintf(r->why, sizeof r->why, "bench/torch_decode.py not found (run from the source root or set MOERL_SRC)");
+        return;
+    }
+    if (access("/usr/bin/python3", X_OK) != 0) {
+        snprintf(r->why, sizeof r->why, "/usr/bin/python3 not found");
+        return;
+    }
+    if (!mkdtemp(dir)) {
+        snprintf(r->why, sizeof r->why, "mkdtemp: %s", strerror(errno));
+        return;
+    }
+    snprintf(cfg, sizeof cfg, "%s/config.json", dir);
+    mr_err e = {0};
+    if (config_save_file(c, cfg, &e)) {
+        snprintf(r->why, sizeof r->why, "%.1000s", e.msg);
+        rmdir(dir);
+        return;
+    }
+    snprintf(cmd, sizeof cmd, "/usr/bin/python3 '%s' --config '%s' --threads %d --batches 1,16,128 --prompt %d --new %d "
+             "--chunk %d 2>&1", script, cfg, threads, P, N, PREFILL_CHUNK);
+    fflush(stdout);
+    FILE *f = popen(cmd, "r");
+    char line[8192], json[8192] = "", last[1024] = "";
+    while (f && fgets(line, sizeof line, f)) {
+        size_t n = strlen(line);
+        while (n && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = '\0';
+        if (line[0] == '{') snprintf(json, sizeof json, "%s", line);
+        else if (n) snprintf(last, sizeof last, "%.1000s", line);
+    }
+    int st = f ? pclose(f) : -1;
+    unlink(cfg);
+    rmdir(dir);
+    cJSON *j = json[0] ? cJSON_Parse(json) : NULL;
+    const cJSON *sk = cJSON_GetObjectItemCaseSensitive(j, "skipped"), *res = cJSON_GetObjectItemCaseSensitive(j, "results");
+    if (!j) {
+        snprintf(r->why, sizeof r->why, "torch_decode.py printed no result (exit status %d)%s%.800s",
+                 st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1, last[0] ? ": " : "", last);
+    } else if (cJSON_IsString(sk)) {
+        snprintf(r->why, sizeof r->why, "%.1000s", sk->valuestring);
+    } else if (cJSON_GetArraySize(res) != 3) {
+        snprintf(r->why, sizeof r->why, "torch_decode.py: unexpected result %.900s", json);
+    } else {
+        r->ok = 1;
+        for (int i = 0; i < 3; i++) {
+            const cJSON *it = cJSON_GetArrayItem(res, i);
+            const cJSON *p = cJSON_GetObjectItemCaseSensitive(it, "prefill_tps");
+            const cJSON *d = cJSON_GetObjectItemCaseSensitive(it, "decode_tps");
+            r->prefill[i] = cJSON_IsNumber(p) ? p->valuedouble : 0;
+            r->decode[i] = cJSON_IsNumber(d) ? d->valuedouble : 0;
+        }
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, "torch"), *ca = cJSON_GetObjectItemCaseSensitive(j, "cache");
+        snprintf(r->version, sizeof r->version, "%s", cJSON_IsString(v) ? v->valuestring : "?");
+        snprintf(r->cache, sizeof r->cache, "%s", cJSON_IsString(ca) ? ca->valuestring : "?");
+    }
+    cJSON_Delete(j);
+}
+
+/* One config: moerl prefill/decode (MM_DET, MM_FAST) at batch 1/16/128 next to PyTorch, the bandwidth bound, the
+ * ratios and the KV bytes per token. */
+static void bench_config(const char *name, const model_config *c, int threads, double bw_gbs, int torch) {
+    enum { P = 32, N = 16 };
+    static const int Bs[] = {1, 16, 128};
+    config_params pc;
+    if (config_param_breakdown(c, &pc)) {
+        fprintf(stderr, "bench_rollout: %s: parameter count overflows\n", name);
+        exit(1);
+    }
+    const uint64_t d = (uint64_t)c->hidden_size, V = (uint64_t)c->vocab_size;
+    /* per decoded token: the activated set minus the embedding table (one row of it is read) */
+    const uint64_t active = pc.activated - V * d + d;
+    const double wbytes = 4.0 * (double)active, bound = bw_gbs * 1e9 / wbytes;
+    printf("\n== %s: d=%d, %d layers (%d dense), H=%d, E=%d top-%d + %d shared (width %d), r_kv=%d, d_rope=%d, V=%d\n",
+           name, c->hidden_size, c->num_hidden_layers, c->first_k_dense_replace, c->num_attention_heads,
+           c->n_routed_experts, c->num_experts_per_tok, c->n_shared_experts, c->moe_intermediate_size,
+           c->kv_lora_rank, c->qk_rope_head_dim, c->vocab_size);
+    printf("   parameters (config_param_breakdown): total %.2fM (main model), activated per token %.2fM; read per\n"
+           "   decoded token (activated - embedding table + its one row): %.2fM = %.1f MB in fp32\n",
+           (double)pc.total * 1e-6, (double)pc.activated * 1e-6, (double)active * 1e-6, wbytes * 1e-6);
+    double dec[2][3], pre[2][3];
+    for (int mi = 0; mi < 2; mi++)
+        for (int i = 0; i < 3; i++) {
+            bench_decode(c, mi ? MM_FAST : MM_DET, Bs[i], P, N, &pre[mi][i], &dec[mi][i]);
+            printf("   moerl %s batch %3d: prefill %9.0f tok/s   decode %9.1f tok/s\n", mi ? "MM_FAST" : "MM_DET ",
+                   Bs[i], pre[mi][i], dec[mi][i]);
+            fflush(stdout);
+        }
+    double eng[3];
+    for (int i = 0; i < 3; i++) {
+        eng[i] = bench_engine(c, Bs[i], P, N);
+        printf("   moerl rollout_generate (MM_DET, T=1 sampling, 1 prompt x %3d samples): decode %9.1f tok/s\n", Bs[i],
+               eng[i]);
+        fflush(stdout);
+    }
+    torch_dec td;
+    if (torch) run_torch_decode(&td, c, threads, P, N);
+    else snprintf(td.why, sizeof td.why, "not run (mode without torch)"), td.ok = 0;
+    for (int i = 0; i < 3 && td.ok; i++)
+        printf("   PyTorch       batch %3d: prefill %9.0f tok/s   decode %9.1f tok/s\n", Bs[i], td.prefill[i],
+               td.decode[i]);
+    if (td.ok) printf("   (PyTorch %s, %d threads, KV cache: %s)\n", td.version, threads, td.cache);
+    else printf("   PyTorch: skipped: %s\n", td.why);
+    printf("   bandwidth bound, batch 1: %.1f GB/s / %.1f MB per token = %.1f tok/s\n", bw_gbs, wbytes * 1e-6, bound);
+    printf("   batch-1 decode / bound: MM_DET %.1f%%, MM_FAST %.1f%%, rollout_generate %.1f%%   (target >= 60%%)\n",
+           100 * dec[0][0] / bound, 100 * dec[1][0] / bound, 100 * eng[0] / bound);
+    if (td.ok)
+        printf("   batch-16 decode moerl / PyTorch: MM_DET x%.2f, MM_FAST x%.2f   (target >= x5); batch 1 x%.2f, "
+               "batch 128 x%.2f (MM_DET); rollout_generate batch 16 x%.2f\n", dec[0][1] / td.decode[1],
+               dec[1][1] / td.decode[1], dec[0][0] / td.decode[0], dec[0][2] / td.decode[2], eng[1] / td.decode[1]);
+    uint64_t lat2, full2, lat4, full4;
+    model_kv_bytes_per_token(c, 2, &lat2, &full2);
+    model_kv_bytes_per_token(c, 4, &lat4, &full4);
+    printf("   KV bytes per token (%d layers): latent (r_kv + d_rope) %llu bf16 / %llu fp32; full MHA K,V (H·(d_qk + "
+           "d_v)) %llu bf16 / %llu fp32: %.1fx smaller\n", c->num_hidden_layers, (unsigned long long)lat2,
+           (unsigned long long)lat4, (unsigned long long)full2, (unsigned long long)full4, (double)full2 / (double)lat2);
+    fflush(stdout);
 }
 
 /* MTP speculative decoding against plain decoding through the rollout engine (MM_DET). */
@@ -221,45 +476,53 @@ static void bench_spec(const model_config *c0) {
 int main(int argc, char **argv) {
     int threads = argc > 1 ? atoi(argv[1]) : 2;
     if (argc > 2) secs = atof(argv[2]);
-    omp_set_num_threads(threads > 0 ? threads : 1);
-    model_config c;
+    threads = threads > 0 ? threads : 1;
+    omp_set_num_threads(threads);
+    model_config c, c100;
     config_tiny(&c);
+    bench_config_100m(&c100);
     printf("tiny preset: d=%d, %d layers, H=%d, r_kv=%d, d_rope=%d, V=%d; %d threads\n", c.hidden_size,
            c.num_hidden_layers, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.vocab_size, threads);
 
-    const char *only = argc > 3 ? argv[3] : "";
+    const char *only = argc > 3 ? argv[3] : "decode";
+    if (!strcmp(only, "all")) only = "";
     double fa, fba, fn, fbn;
-    if (strcmp(only, "decode") && strcmp(only, "spec")) {
-    bench_train(&c, 0, &fa, &fba);
-    bench_train(&c, 1, &fn, &fbn);
-    printf("training forward, T=512 (4 docs of 128), MM_DET:\n");
-    printf("  absorbed attention:     forward %7.2f ms   forward+backward %7.2f ms\n", fa * 1e3, fba * 1e3);
-    printf("  non-absorbed attention: forward %7.2f ms   forward+backward %7.2f ms\n", fn * 1e3, fbn * 1e3);
-    printf("  cost of the absorbed form: forward %+.1f%%, forward+backward %+.1f%%\n", (fa / fn - 1) * 100,
-           (fba / fbn - 1) * 100);
-    double an, aa;
-    bench_attn_only(&c, &an, &aa);
-    printf("  attention alone (one layer): non-absorbed %.3f ms, absorbed %.3f ms (x%.2f)\n", an * 1e3, aa * 1e3,
-           aa / an);
+    if (!*only || !strcmp(only, "train")) {
+        bench_train(&c, 0, &fa, &fba);
+        bench_train(&c, 1, &fn, &fbn);
+        printf("training forward, T=512 (4 docs of 128), MM_DET:\n");
+        printf("  absorbed attention:     forward %7.2f ms   forward+backward %7.2f ms\n", fa * 1e3, fba * 1e3);
+        printf("  non-absorbed attention: forward %7.2f ms   forward+backward %7.2f ms\n", fn * 1e3, fbn * 1e3);
+        printf("  cost of the absorbed form: forward %+.1f%%, forward+backward %+.1f%%\n", (fa / fn - 1) * 100,
+               (fba / fbn - 1) * 100);
+        double an, aa;
+        bench_attn_only(&c, &an, &aa);
+        printf("  attention alone (one layer): non-absorbed %.3f ms, absorbed %.3f ms (x%.2f)\n", an * 1e3, aa * 1e3,
+               aa / an);
     }
-    if (!strcmp(only, "train")) return 0;
-
-    static const int Bs[] = {1, 16, 128};
-    for (int mi = 0; mi < 2 && strcmp(only, "spec"); mi++) {
-        mm_mode mm = mi ? MM_FAST : MM_DET;
-        for (size_t i = 0; i < sizeof Bs / sizeof Bs[0]; i++) {
-            double ptps, dtps;
-            bench_decode(&c, mm, Bs[i], &ptps, &dtps);
-            printf("%s batch %3d: prefill %9.0f tok/s   decode %9.0f tok/s\n", mi ? "MM_FAST" : "MM_DET ", Bs[i],
-                   ptps, dtps);
-        }
+    if (!*only || !strcmp(only, "decode") || !strcmp(only, "decode-notorch")) {
+        double rd, tr;
+        measure_bandwidth(&rd, &tr);
+        double bw = rd > tr ? rd : tr;
+        printf("\nDecode figures. Method: moerl = model_prefill (B prompts of 32 tokens, packed %d per call, each into its\n"
+               "own latent KV cache), then model_decode_step over the B sequences (fixed ids, no sampling): 1 warm-up\n"
+               "step, best of 2 rounds of 16 steps; random weights (std 0.02), fp32, %d threads; tok/s = tokens / wall\n"
+               "seconds (prefill: best of repeats within %.2g s). PyTorch = bench/torch_decode.py, same config, sizes\n"
+               "and threads, /usr/bin/python3, same warm-up and rounds.\n"
+               "Bandwidth (same run, %d threads, best of 5): read-only sum over 256 MiB %.1f GB/s, STREAM triad over\n"
+               "3 x 128 MiB %.1f GB/s; the bound uses the larger, %.1f GB/s: bound = bandwidth / fp32 bytes of the\n"
+               "weights one decoded token reads (the KV cache read, < 0.5%% at these contexts, is left out).\n",
+               PREFILL_CHUNK, threads, secs, threads, rd, tr, bw);
+        int torch = strcmp(only, "decode-notorch") != 0;
+        bench_config("tiny (quickstart) preset", &c, threads, bw, torch);
+        bench_config("~100M preset (moerl bench model --preset 100m)", &c100, threads, bw, torch);
     }
-    if (strcmp(only, "spec")) {
-    uint64_t lat, full;
-    model_kv_bytes_per_token(&c, 2, &lat, &full);
-    printf("KV bytes per token (bf16, %d layers): latent %llu, full MHA %llu (%.1fx smaller)\n", c.num_hidden_layers,
-           (unsigned long long)lat, (unsigned long long)full, (double)full / (double)lat);
+    if (!strcmp(only, "one") && argc > 6) { /* one figure, for profiling: one tiny|100m det|fast B [N new] */
+        double ptps, dtps;
+        bench_decode(strcmp(argv[4], "100m") ? &c : &c100, strcmp(argv[5], "fast") ? MM_DET : MM_FAST, atoi(argv[6]),
+                     32, argc > 7 ? atoi(argv[7]) : 16, &ptps, &dtps);
+        printf("%s %s batch %s: prefill %.0f tok/s, decode %.1f tok/s\n", argv[4], argv[5], argv[6], ptps, dtps);
     }
-    bench_spec(&c);
+    if (!*only || !strcmp(only, "spec")) bench_spec(&c);
     return 0;
 }

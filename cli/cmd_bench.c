@@ -474,8 +474,11 @@ static void run_torch(torch_result *r, const char *script_opt, const char *cfg_p
 
 /* The ~100M-total-parameter preset: DeepSeek-V3's structure at d = 512 (MLA with query compression, one dense
  * layer then MoE, 32 routed experts top-4 in 4 groups keeping 2, one shared expert, MTP depth 1, noaux_tc with
- * routed_scaling_factor 2.5) and a 32768-token vocabulary. Expert width 160 puts the main model at 99.2M. */
-static void config_100m(model_config *c) {
+ * routed_scaling_factor 2.5) and a 32768-token vocabulary. Expert width 160 puts the main model at 99.2M.
+ * Public so that bench/bench_rollout.c measures the same model (it declares it itself; its natural home is
+ * model/config.h next to config_tiny). */
+void bench_config_100m(model_config *c);
+void bench_config_100m(model_config *c) {
     config_tiny(c);
     c->vocab_size = 32768;
     c->hidden_size = 512;
@@ -666,7 +669,7 @@ static int bench_model(int argc, char **argv) {
             return 1;
         }
     } else {
-        if (preset && !strcmp(preset, "100m")) config_100m(&c);
+        if (preset && !strcmp(preset, "100m")) bench_config_100m(&c);
         else config_tiny(&c);
         if (config_validate(&c, cfg_name, &e)) {
             fprintf(stderr, "moerl bench model: preset %s: %s\n", cfg_name, e.msg);
