@@ -224,6 +224,8 @@ static const recipe_field grpo_fields[] = {
     {"eval_every", RT_INT, .def = "10", GE(0), .doc = "steps between evals (0 = only at the end)"},
     {"bias_update_speed", RT_FLOAT, .def = "0.001", GE(0),
      .doc = "aux-loss-free router bias update gamma, once per optimizer step"},
+    {"balance_alpha", RT_FLOAT, .def = "0.0", GE(0),
+     .doc = "sequence-wise balance loss weight alpha in the policy loss, per micro-batch (logged as moe/balance_loss)"},
     END,
 };
 

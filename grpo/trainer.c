@@ -369,12 +369,14 @@ static int micro_end(const job *J, const int *list, int from, int n) {
 }
 
 /* Forward (inference form) of a packed micro-batch; log-probs of every target row into mb->lp. */
-static int forward_logp(model *m, micro *mb, const int32_t *const *replay, model_batch *b, mr_err *e) {
+static int forward_logp(model *m, micro *mb, const int32_t *const *replay, model_batch *b, double *balance,
+                        mr_err *e) {
     *b = (model_batch){.ids = mb->ids, .pos = mb->pos, .doc_start = mb->doc, .targets = mb->tgt, .replay = replay,
                        .T = mb->T, .skip_mtp = 1};
     model_loss ls;
     int rc = model_forward(m, b, 0, &ls, e);
     if (rc) return rc;
+    if (balance) *balance = ls.balance; /* α·Σ_layers L_bal of this micro-batch (0 when grpo.balance_alpha is 0) */
     logprob_forward(mb->lp, model_logits(m), mb->tgt, mb->T, m->p.cfg.vocab_size);
     return MR_OK;
 }
@@ -420,7 +422,7 @@ static int logprob_pass(job *J, model *m, const int *list, int n, int ref, int w
         int b_end = micro_end(J, list, a, n), rc;
         if ((rc = micro_pack(J, mb, list, a, b_end - a, e))) return rc;
         model_batch b;
-        if ((rc = forward_logp(m, mb, NULL, &b, e))) return rc;
+        if ((rc = forward_logp(m, mb, NULL, &b, NULL, e))) return rc;
         for (int k = 0; k < mb->count; k++) {
             sample *s = &J->S[list[a + k]];
             if (route && (rc = capture_route(J, m, s, mb->row0[k] - (J->D.train[s->prompt].n - 1), e))) return rc;
@@ -568,8 +570,8 @@ done:
 /* One optimizer update over the samples list[0 .. n): micro-batches, coefficients, backward, clip, AdamW, bias. */
 typedef struct update_stats {
     grpo_loss_acc acc;
-    double entropy_sum, mis_sum, mis_max, grad_norm_sum, train_tokens;
-    int64_t ent_rows, mis_n;
+    double entropy_sum, mis_sum, mis_max, grad_norm_sum, train_tokens, balance_sum;
+    int64_t ent_rows, mis_n, balance_n;
     int updates, skipped;
 } update_stats;
 
@@ -593,7 +595,10 @@ static int optimizer_update(job *J, const int *list, int n, double lr, int measu
         if ((rc = micro_pack(J, mb, list, a, b_end - a, e))) goto done;
         model_batch b;
         const int replaying = c->routing_replay && J->n_moe > 0;
-        if ((rc = forward_logp(m, mb, replaying ? replay_of(J, mb, list) : NULL, &b, e))) goto done;
+        double bal = 0;
+        if ((rc = forward_logp(m, mb, replaying ? replay_of(J, mb, list) : NULL, &b, &bal, e))) goto done;
+        us->balance_sum += bal;
+        us->balance_n++;
         if (probe_fn) {
             grpo_probe_seq ps[64];
             int np = mb->count < 64 ? mb->count : 64;
@@ -825,6 +830,7 @@ static int grpo_step(job *J, micro *mb, mr_err *e) {
     put(J, "adv/max", as.max);
     put(J, "policy/loss", us.updates ? us.acc.loss / us.updates : 0);
     put(J, "policy/entropy", us.ent_rows ? us.entropy_sum / (double)us.ent_rows : 0);
+    put(J, "moe/balance_loss", us.balance_n ? us.balance_sum / (double)us.balance_n : 0);
     put(J, "policy/kl_ref", tok ? us.acc.kl / (double)tok : 0);
     put(J, "policy/clipfrac_low", tok ? (double)us.acc.clip_low / (double)tok : 0);
     put(J, "policy/clipfrac_high", tok ? (double)us.acc.clip_high / (double)tok : 0);
@@ -1015,7 +1021,8 @@ int grpo_run(const recipe *r, int resume, int64_t stop_after, mr_err *e) {
                      tok_vocab_size(J->D.tok), p.cfg.vocab_size);
         goto fail;
     }
-    model_opts mo = {.mm = recipe_bool(r, "run.deterministic") ? MM_DET : MM_FAST};
+    model_opts mo = {.mm = recipe_bool(r, "run.deterministic") ? MM_DET : MM_FAST,
+                     .balance_alpha = (float)recipe_float(r, "grpo.balance_alpha")};
     if ((rc = model_init(&J->m, &p, &mo, T_max, e))) goto fail;
     if (c->loss.beta > 0) {
         model_params q;
