@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "core/mem.h"
+#include "kernels/cpu/vec4.h"
 
 /* No helper takes a v16f by value (GCC notes an ABI change for 64-byte vector parameters on every build, even
  * for inlined helpers); returning one is fine but warns the same way, which does not matter: nothing here is a
@@ -659,54 +660,6 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout, cons
 
 /* ---- absorbed decode (§5.6) ---- */
 
-/* 4-float vectors for the decode path (its numerics are its own; it never shares bits with the training form). */
-typedef float v4f __attribute__((vector_size(16)));
-
-static inline v4f v4_load(const float *p) {
-    v4f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void v4_store(float *p, v4f v) { memcpy(p, &v, sizeof v); }
-
-/* Fixed-order dot product: 16 lanes (four 4-vectors) over the multiples of 16, then 4-vector steps into the first
- * accumulator, a fixed combination tree, and the scalar tail. The result depends only on (a, b, n). */
-static inline float attn_dot(const float *restrict a, const float *restrict b, int n) {
-    v4f c0 = {0, 0, 0, 0}, c1 = c0, c2 = c0, c3 = c0;
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        c0 += v4_load(a + i) * v4_load(b + i);
-        c1 += v4_load(a + i + 4) * v4_load(b + i + 4);
-        c2 += v4_load(a + i + 8) * v4_load(b + i + 8);
-        c3 += v4_load(a + i + 12) * v4_load(b + i + 12);
-    }
-    for (; i + 4 <= n; i += 4) c0 += v4_load(a + i) * v4_load(b + i);
-    v4f c = (c0 + c2) + (c1 + c3);
-    float s = (c[0] + c[2]) + (c[1] + c[3]);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-/* y += a · x (elementwise: no ordering question) */
-static inline void attn_axpy(float *restrict y, float a, const float *restrict x, int n) {
-    int i = 0;
-    v4f va = {a, a, a, a};
-    for (; i + 8 <= n; i += 8) {
-        v4_store(y + i, v4_load(y + i) + va * v4_load(x + i));
-        v4_store(y + i + 4, v4_load(y + i + 4) + va * v4_load(x + i + 4));
-    }
-    for (; i + 4 <= n; i += 4) v4_store(y + i, v4_load(y + i) + va * v4_load(x + i));
-    for (; i < n; i++) y[i] += a * x[i];
-}
-
-static inline void attn_scal(float *y, float a, int n) {
-    int i = 0;
-    v4f va = {a, a, a, a};
-    for (; i + 4 <= n; i += 4) v4_store(y + i, v4_load(y + i) * va);
-    for (; i < n; i++) y[i] *= a;
-}
-
 /* Heads handled together by one decode task (they share each cache block while it is hot in cache). Only speed
  * depends on it: each (b, h) runs the same operations in the same order whatever the grouping. */
 #define DECODE_HEAD_GROUP 8
@@ -754,7 +707,7 @@ int mla_decode_absorbed_lse(float *out, float *lse, const float *q, const float 
                 const float *wuk = w_kvb + (size_t)(h0 + hh) * (size_t)hs * (size_t)r_kv;
                 float *qth = qt + (size_t)hh * r_kv;
                 memset(qth, 0, (size_t)r_kv * sizeof(float));
-                for (int c = 0; c < d_nope; c++) attn_axpy(qth, qn[c], wuk + (size_t)c * r_kv, r_kv);
+                for (int c = 0; c < d_nope; c++) vec4_axpy(qth, qn[c], wuk + (size_t)c * r_kv, r_kv);
                 memset(z + (size_t)hh * r_kv, 0, (size_t)r_kv * sizeof(float));
                 m[hh] = -INFINITY;
                 l[hh] = 0.0f;
@@ -767,8 +720,8 @@ int mla_decode_absorbed_lse(float *out, float *lse, const float *q, const float 
                     float *zh = z + (size_t)hh * r_kv;
                     float bm = -INFINITY;
                     for (int j = j0; j <= jb; j++) {
-                        float s = attn_dot(qth, cb + (size_t)j * r_kv, r_kv) +
-                                  attn_dot(qp, kb + (size_t)j * d_rope, d_rope);
+                        float s = vec4_dot(qth, cb + (size_t)j * r_kv, r_kv) +
+                                  vec4_dot(qp, kb + (size_t)j * d_rope, d_rope);
                         s *= scale;
                         sbuf[hh][j - j0] = s;
                         if (s > bm) bm = s;
@@ -777,14 +730,14 @@ int mla_decode_absorbed_lse(float *out, float *lse, const float *q, const float 
                         if (m[hh] != -INFINITY) {
                             float alpha = expf(m[hh] - bm);
                             l[hh] *= alpha;
-                            attn_scal(zh, alpha, r_kv);
+                            vec4_scal(zh, alpha, r_kv);
                         }
                         m[hh] = bm;
                     }
                     for (int j = j0; j <= jb; j++) {
                         float p = expf(sbuf[hh][j - j0] - m[hh]);
                         l[hh] += p;
-                        attn_axpy(zh, p, cb + (size_t)j * r_kv, r_kv);
+                        vec4_axpy(zh, p, cb + (size_t)j * r_kv, r_kv);
                     }
                 }
             }
@@ -793,7 +746,7 @@ int mla_decode_absorbed_lse(float *out, float *lse, const float *q, const float 
                 const float *wuv = w_kvb + ((size_t)(h0 + hh) * (size_t)hs + (size_t)d_nope) * (size_t)r_kv;
                 const float *zh = z + (size_t)hh * r_kv;
                 float *oh = out + ((size_t)b * H + (size_t)(h0 + hh)) * (size_t)d_v;
-                for (int c = 0; c < d_v; c++) oh[c] = attn_dot(wuv + (size_t)c * r_kv, zh, r_kv) / l[hh];
+                for (int c = 0; c < d_v; c++) oh[c] = vec4_dot(wuv + (size_t)c * r_kv, zh, r_kv) / l[hh];
                 if (lse) lse[(size_t)b * H + (size_t)(h0 + hh)] = m[hh] + logf(l[hh]);
             }
         }

@@ -22,52 +22,7 @@
 
 #include "core/mem.h"
 #include "kernels/cpu/attention.h"
-
-/* The vector helpers below are attention.c's, operation for operation (that file keeps them static): the same
- * reduction order is what makes W >= T (or r = 1) reproduce attention_forward. Keep the two copies equal. */
-typedef float v4f __attribute__((vector_size(16)));
-
-static inline v4f v4_load(const float *p) {
-    v4f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void v4_store(float *p, v4f v) { memcpy(p, &v, sizeof v); }
-
-static inline float swa_dot(const float *restrict a, const float *restrict b, int n) {
-    v4f c0 = {0, 0, 0, 0}, c1 = c0, c2 = c0, c3 = c0;
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        c0 += v4_load(a + i) * v4_load(b + i);
-        c1 += v4_load(a + i + 4) * v4_load(b + i + 4);
-        c2 += v4_load(a + i + 8) * v4_load(b + i + 8);
-        c3 += v4_load(a + i + 12) * v4_load(b + i + 12);
-    }
-    for (; i + 4 <= n; i += 4) c0 += v4_load(a + i) * v4_load(b + i);
-    v4f c = (c0 + c2) + (c1 + c3);
-    float s = (c[0] + c[2]) + (c[1] + c[3]);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-static inline void swa_axpy(float *restrict y, float a, const float *restrict x, int n) {
-    int i = 0;
-    v4f va = {a, a, a, a};
-    for (; i + 8 <= n; i += 8) {
-        v4_store(y + i, v4_load(y + i) + va * v4_load(x + i));
-        v4_store(y + i + 4, v4_load(y + i + 4) + va * v4_load(x + i + 4));
-    }
-    for (; i + 4 <= n; i += 4) v4_store(y + i, v4_load(y + i) + va * v4_load(x + i));
-    for (; i < n; i++) y[i] += a * x[i];
-}
-
-static inline void swa_scal(float *y, float a, int n) {
-    int i = 0;
-    v4f va = {a, a, a, a};
-    for (; i + 4 <= n; i += 4) v4_store(y + i, v4_load(y + i) * va);
-    for (; i < n; i++) y[i] *= a;
-}
+#include "kernels/cpu/vec4.h"
 
 /* Blocks whose pooled gradients one backward task accumulates in a single walk over the queries (each block
  * still sums its queries ascending: the grouping changes speed, not bits). */
@@ -177,8 +132,8 @@ static void swa_pool(swa_work *w, const float *k, const float *v, int H, int d_q
             if (!w->full[b]) continue;
             for (int j = w->bstart[b]; j < w->bstart[b] + ratio; j++) {
                 size_t jr = (size_t)j * (size_t)H + (size_t)h;
-                swa_axpy(kb, 1.0f, k + jr * (size_t)d_qk, d_qk);
-                swa_axpy(vb, 1.0f, v + jr * (size_t)d_v, d_v);
+                vec4_axpy(kb, 1.0f, k + jr * (size_t)d_qk, d_qk);
+                vec4_axpy(vb, 1.0f, v + jr * (size_t)d_v, d_v);
             }
             for (int c = 0; c < d_qk; c++) kb[c] /= rf;
             for (int c = 0; c < d_v; c++) vb[c] /= rf;
@@ -217,7 +172,7 @@ static void swa_row_forward(float *oi, float *lse_i, const float *qi, const swa_
         int nb = imin(n0 + ATTN_BLOCK, L->n);
         float bm = -INFINITY;
         for (int n = n0; n < nb; n++) {
-            float s = swa_dot(qi, swa_key(L, kp_h, k_h, ks, n), d_qk) * scale;
+            float s = vec4_dot(qi, swa_key(L, kp_h, k_h, ks, n), d_qk) * scale;
             sbuf[n - n0] = s;
             if (s > bm) bm = s;
         }
@@ -225,14 +180,14 @@ static void swa_row_forward(float *oi, float *lse_i, const float *qi, const swa_
             if (m != -INFINITY) {
                 float alpha = expf(m - bm);
                 l *= alpha;
-                swa_scal(oi, alpha, d_v);
+                vec4_scal(oi, alpha, d_v);
             }
             m = bm;
         }
         for (int n = n0; n < nb; n++) {
             float p = expf(sbuf[n - n0] - m);
             l += p;
-            swa_axpy(oi, p, swa_key(L, vp_h, v_h, vs, n), d_v);
+            vec4_axpy(oi, p, swa_key(L, vp_h, v_h, vs, n), d_v);
         }
     }
     for (int c = 0; c < d_v; c++) oi[c] /= l;
@@ -283,7 +238,7 @@ int attention_swa_backward(float *dq, float *dk, float *dv, const float *dout, c
     for (int i = 0; i < T; i++)
         for (int h = 0; h < H; h++) {
             size_t r = (size_t)i * (size_t)H + (size_t)h;
-            D[r] = swa_dot(dout + r * (size_t)d_v, out + r * (size_t)d_v, d_v);
+            D[r] = vec4_dot(dout + r * (size_t)d_v, out + r * (size_t)d_v, d_v);
         }
 
     /* Pass 1: dq_i += scale · Σ_n ds_in key_n over the row's list, in list order. */
@@ -301,9 +256,9 @@ int attention_swa_backward(float *dq, float *dk, float *dv, const float *dout, c
                     swa_list L = swa_row_list(&w, doc_start, i, window, ratio);
                     for (int n = 0; n < L.n; n++) {
                         const float *kn = swa_key(&L, kp_h, k_h, ks, n);
-                        float p = expf(swa_dot(qi, kn, d_qk) * scale - Lse);
-                        float dp = swa_dot(doi, swa_key(&L, vp_h, v_h, vs, n), d_v);
-                        swa_axpy(dqi, scale * (p * (dp - Di)), kn, d_qk);
+                        float p = expf(vec4_dot(qi, kn, d_qk) * scale - Lse);
+                        float dp = vec4_dot(doi, swa_key(&L, vp_h, v_h, vs, n), d_v);
+                        vec4_axpy(dqi, scale * (p * (dp - Di)), kn, d_qk);
                     }
                 }
             }
@@ -331,11 +286,11 @@ int attention_swa_backward(float *dq, float *dk, float *dv, const float *dout, c
                         if (i < first[b - b0] || i > w.docend[w.bstart[b]]) continue;
                         size_t br = (size_t)b * (size_t)H + (size_t)h;
                         const float *kb = kp + br * (size_t)d_qk, *vb = vp + br * (size_t)d_v;
-                        float p = expf(swa_dot(qi, kb, d_qk) * scale - lse[r]);
-                        if (dv) swa_axpy(dvp + br * (size_t)d_v, p, doi, d_v);
+                        float p = expf(vec4_dot(qi, kb, d_qk) * scale - lse[r]);
+                        if (dv) vec4_axpy(dvp + br * (size_t)d_v, p, doi, d_v);
                         if (dk) {
-                            float dp = swa_dot(doi, vb, d_v);
-                            swa_axpy(dkp + br * (size_t)d_qk, scale * (p * (dp - D[r])), qi, d_qk);
+                            float dp = vec4_dot(doi, vb, d_v);
+                            vec4_axpy(dkp + br * (size_t)d_qk, scale * (p * (dp - D[r])), qi, d_qk);
                         }
                     }
                 }
@@ -357,17 +312,17 @@ int attention_swa_backward(float *dq, float *dk, float *dv, const float *dout, c
                         for (int i = j; i <= ilast; i++) {
                             size_t r = (size_t)i * (size_t)H + (size_t)h;
                             const float *qi = q + r * (size_t)d_qk, *doi = dout + r * (size_t)d_v;
-                            float p = expf(swa_dot(qi, kj, d_qk) * scale - lse[r]);
-                            if (dv) swa_axpy(dv + kr * (size_t)d_v, p, doi, d_v);
+                            float p = expf(vec4_dot(qi, kj, d_qk) * scale - lse[r]);
+                            if (dv) vec4_axpy(dv + kr * (size_t)d_v, p, doi, d_v);
                             if (dk) {
-                                float dp = swa_dot(doi, vj, d_v);
-                                swa_axpy(dk + kr * (size_t)d_qk, scale * (p * (dp - D[r])), qi, d_qk);
+                                float dp = vec4_dot(doi, vj, d_v);
+                                vec4_axpy(dk + kr * (size_t)d_qk, scale * (p * (dp - D[r])), qi, d_qk);
                             }
                         }
                         size_t br = (size_t)w.blk_of[j] * (size_t)H + (size_t)h;
                         if (w.full[w.blk_of[j]]) {
-                            if (dv) swa_axpy(dv + kr * (size_t)d_v, inv_r, dvp + br * (size_t)d_v, d_v);
-                            if (dk) swa_axpy(dk + kr * (size_t)d_qk, inv_r, dkp + br * (size_t)d_qk, d_qk);
+                            if (dv) vec4_axpy(dv + kr * (size_t)d_v, inv_r, dvp + br * (size_t)d_v, d_v);
+                            if (dk) vec4_axpy(dk + kr * (size_t)d_qk, inv_r, dkp + br * (size_t)d_qk, d_qk);
                         }
                     }
                 }
