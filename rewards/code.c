@@ -332,7 +332,7 @@ static void code_score(const reward_plugin *p, void *wstate, const reward_sample
             goto done;
         }
         if (r.breach != SANDBOX_NONE) {
-            char why[200];
+            char why[256];
             sandbox_describe(&r, &cfg, why, sizeof why);
             reward_result_set(out, REWARD_ERROR, 0, "test %d/%d: %s", i + 1, n, why);
             sandbox_result_free(&r);

@@ -17,8 +17,6 @@
 
 #include "core/mem.h"
 
-/* The code plugin lives in rewards/code.c (another module); weak so this file links without it. */
-extern const reward_plugin_ops reward_code_ops __attribute__((weak));
 
 /* ---- small helpers ----------------------------------------------------------------------------------- */
 
@@ -324,7 +322,7 @@ static const reward_plugin_ops *kind_ops(const char *kind) {
     if (!strcmp(kind, "lua")) return &reward_lua_ops;
     if (!strcmp(kind, "toolcall")) return &reward_toolcall_ops;
     if (!strcmp(kind, "judge")) return &reward_judge_ops;
-    if (!strcmp(kind, "code")) return &reward_code_ops ? &reward_code_ops : NULL;
+    if (!strcmp(kind, "code")) return &reward_code_ops;
     return NULL;
 }
 

@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "core/mem.h"
+#include "rewards/sandbox_watch.h"
 
 /* ---- Landlock (the installed kernel headers may predate the ABI the kernel has) ----------------------- */
 
@@ -85,6 +86,9 @@ static int landlock_abi(void) {
 static struct sock_filter g_filter[SECCOMP_MAX_INSNS];
 static unsigned short g_filter_len;
 static char g_filter_err[256];
+static struct sock_filter g_wfilter[SECCOMP_MAX_INSNS]; /* the watch (sandbox_watch.h); empty: none */
+static unsigned short g_wfilter_len;
+static char g_watch_err[256];
 static pthread_once_t g_filter_once = PTHREAD_ONCE_INIT;
 static int g_ll_abi;
 
@@ -104,7 +108,7 @@ static const char *const denied_syscalls[] = {
 
 static void filter_build(void) {
     scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
-    int fd = -1, rc = 0;
+    int rc = 0;
     const char *what = "seccomp_init";
     if (!ctx) goto fail;
     const uint32_t kill = SCMP_ACT_KILL_PROCESS;
@@ -138,31 +142,16 @@ static void filter_build(void) {
     if (nr3 != __NR_SCMP_ERROR && nr3 >= 0 && (rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), nr3, 0)) != 0)
         goto fail;
 
-    what = "memfd_create";
-    fd = memfd_create("moerl-seccomp", MFD_CLOEXEC);
-    if (fd < 0) {
-        rc = -errno;
-        goto fail;
-    }
     what = "seccomp_export_bpf";
-    if ((rc = seccomp_export_bpf(ctx, fd)) != 0) goto fail;
-    off_t n = lseek(fd, 0, SEEK_END);
-    if (n <= 0 || n % (off_t)sizeof(struct sock_filter) != 0 || n > (off_t)sizeof g_filter) {
-        rc = -EFBIG;
-        goto fail;
-    }
-    if (pread(fd, g_filter, (size_t)n, 0) != (ssize_t)n) {
-        rc = -EIO;
-        goto fail;
-    }
-    g_filter_len = (unsigned short)(n / (off_t)sizeof(struct sock_filter));
-    close(fd);
+    if ((rc = sandbox_bpf_export(ctx, g_filter, SECCOMP_MAX_INSNS, &g_filter_len)) != 0) goto fail;
     seccomp_release(ctx);
+    if (watch_filter_build(g_wfilter, SECCOMP_MAX_INSNS, &g_wfilter_len, g_watch_err, sizeof g_watch_err) != 0)
+        g_wfilter_len = 0;
     g_ll_abi = landlock_abi();
     return;
 fail:
     snprintf(g_filter_err, sizeof g_filter_err, "seccomp filter: %s failed: %s", what, strerror(rc < 0 ? -rc : ENOMEM));
-    if (fd >= 0) close(fd);
+    g_filter_len = 0;
     if (ctx) seccomp_release(ctx);
 }
 
@@ -174,6 +163,7 @@ unsigned sandbox_capabilities(void) {
     if (g_ll_abi >= 1) c |= SANDBOX_ISO_LANDLOCK;
     if (g_ll_abi >= 4) c |= SANDBOX_ISO_LL_NET;
     if (g_ll_abi >= 6) c |= SANDBOX_ISO_LL_SCOPE;
+    if (g_wfilter_len) c |= SANDBOX_ISO_WATCH;
     return c;
 }
 
@@ -189,6 +179,7 @@ const char *sandbox_breach_name(sandbox_breach b) {
     case SANDBOX_SECCOMP: return "seccomp";
     case SANDBOX_FORK: return "fork";
     case SANDBOX_ORPHANS: return "orphans";
+    case SANDBOX_DENIED: return "denied";
     }
     return "?";
 }
@@ -205,6 +196,7 @@ void sandbox_config_default(sandbox_config *c) {
     c->uid = 65534;
     c->gid = 65534;
     c->netns = 1;
+    c->watch = 1;
 }
 
 void sandbox_result_free(sandbox_result *res) {
@@ -233,49 +225,105 @@ void sandbox_describe(const sandbox_result *r, const sandbox_config *cfg, char *
         snprintf(buf, cap, "left %d background process%s running after it exited (killed)", r->orphans,
                  r->orphans == 1 ? "" : "es");
         break;
+    case SANDBOX_DENIED:
+        if (r->denied > 1) snprintf(buf, cap, "denied: %s (and %d more)", r->denied_what, r->denied - 1);
+        else snprintf(buf, cap, "denied: %s", r->denied_what);
+        break;
     }
 }
 
 /* ---- what the children know: everything computed before the fork ------------------------------------- */
 
-enum { MSG_PID = 1, MSG_FAIL, MSG_DONE };
+enum { MSG_PID = 1, MSG_FAIL, MSG_DONE, MSG_DENIED };
 enum { STEP_FDS = 1, STEP_PGID, STEP_CHDIR, STEP_RLIMIT, STEP_UID, STEP_NNP, STEP_LANDLOCK, STEP_SECCOMP, STEP_EXEC,
-       STEP_FORK };
+       STEP_FORK, STEP_WATCH };
 
 static const char *step_name(int s) {
     static const char *const names[] = {"?", "file descriptors", "setpgid", "chdir", "setrlimit", "setuid",
-                                        "no_new_privs", "landlock", "seccomp", "execve", "fork"};
-    return s >= 0 && s <= STEP_FORK ? names[s] : "?";
+                                        "no_new_privs", "landlock", "seccomp", "execve", "fork", "watch"};
+    return s >= 0 && s <= STEP_WATCH ? names[s] : "?";
 }
 
+/* One message on the status pipe: a single write under PIPE_BUF, so never interleaved. */
 typedef struct {
     int32_t type;
-    int32_t a, b;      /* PID: pid, isolation bits; FAIL: step, errno; DONE: wait status, processes left behind */
+    int32_t a, b;      /* PID: pid, isolation bits; FAIL: step, errno; DONE: wait status, processes left behind;
+                        * DENIED: how many, the first in text */
     int32_t pad;
     int64_t cpu_us, maxrss_kb;
+    char text[WATCH_TEXT];
 } sbx_msg;
 
 typedef struct {
     pid_t parent;
     int fd_st, fd_out, fd_err, fd_in;
-    const char *dir, *exe;
+    const char *dir, *dir_real, *exe; /* dir_real: dir with its symlinks resolved (the watch's) */
     char *const *argv;
     char *const *envp;
     struct rlimit lim_cpu, lim_as, lim_nproc, lim_fsize, lim_nofile;
-    int as_root, netns, ll_abi;
+    int as_root, netns, ll_abi, watch;
     uid_t uid;
     gid_t gid;
 } sbx_ctx;
 
-/* Fixed fds in the supervisor and the program. */
-enum { FD_ST = 3, FD_OUT = 4, FD_ERR = 5, FD_IN = 6 };
+/* Fixed fds in the supervisor and the program. FD_SOCK: the program's end of the socket that hands the watch's
+ * listener to the supervisor. */
+enum { FD_ST = 3, FD_OUT = 4, FD_ERR = 5, FD_IN = 6, FD_SOCK = 7 };
 
-static void put_msg(int fd, int type, int a, int b, int64_t cpu, int64_t rss) {
+/* The program: the watch's listener (or -1: none) to the supervisor, over FD_SOCK. */
+static void send_listener(int lfd) {
+    char byte = lfd >= 0 ? 'L' : 'N';
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } cm;
+    memset(&cm, 0, sizeof cm);
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (lfd >= 0) {
+        mh.msg_control = cm.buf;
+        mh.msg_controllen = sizeof cm.buf;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &lfd, sizeof(int));
+    }
+    while (sendmsg(FD_SOCK, &mh, MSG_NOSIGNAL) < 0 && errno == EINTR) {}
+}
+
+/* The supervisor: the listener the program sent, -1 when it has none, -2 when it died before sending. */
+static int recv_listener(int sock) {
+    char byte = 0;
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } cm;
+    memset(&cm, 0, sizeof cm);
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof cm.buf};
+    ssize_t n;
+    while ((n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC)) < 0 && errno == EINTR) {}
+    if (n <= 0) return -2;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    if (byte != 'L' || !c || c->cmsg_type != SCM_RIGHTS || c->cmsg_len != CMSG_LEN(sizeof(int))) return -1;
+    int fd;
+    memcpy(&fd, CMSG_DATA(c), sizeof fd);
+    return fd;
+}
+
+static void put_msg_text(int fd, int type, int a, int b, int64_t cpu, int64_t rss, const char *text) {
     sbx_msg m = {.type = type, .a = a, .b = b, .cpu_us = cpu, .maxrss_kb = rss};
+    if (text) {
+        sbuf t = {m.text, sizeof m.text, 0};
+        sb_str(&t, text);
+    }
     ssize_t w;
     do w = write(fd, &m, sizeof m);
     while (w < 0 && errno == EINTR);
 }
+
+static void put_msg(int fd, int type, int a, int b, int64_t cpu, int64_t rss) { put_msg_text(fd, type, a, b, cpu, rss, NULL); }
 
 static pid_t raw_fork(void) { return (pid_t)syscall(SYS_clone, (unsigned long)SIGCHLD, 0UL, 0UL, 0UL, 0UL); }
 
@@ -291,8 +339,10 @@ __attribute__((noreturn)) static void program_main(const sbx_ctx *x, pid_t super
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != super) _exit(127);
     if (dup2(FD_IN, 0) < 0 || dup2(FD_OUT, 1) < 0 || dup2(FD_ERR, 2) < 0) fail_child(STEP_FDS);
     if (fcntl(FD_ST, F_SETFD, FD_CLOEXEC) != 0) fail_child(STEP_FDS);
-    if (syscall(SYS_close_range, (unsigned)FD_ST + 1, ~0U, 0U) != 0)
-        for (int fd = FD_ST + 1; fd < 1024; fd++) close(fd);
+    if (syscall(SYS_close_range, (unsigned)FD_ST + 1, (unsigned)FD_SOCK - 1, 0U) != 0)
+        for (int fd = FD_ST + 1; fd < FD_SOCK; fd++) close(fd);
+    if (syscall(SYS_close_range, (unsigned)FD_SOCK + 1, ~0U, 0U) != 0)
+        for (int fd = FD_SOCK + 1; fd < 1024; fd++) close(fd);
     sigset_t all;
     sigemptyset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL);
@@ -344,6 +394,17 @@ __attribute__((noreturn)) static void program_main(const sbx_ctx *x, pid_t super
     }
     struct sock_fprog prog = {.len = g_filter_len, .filter = g_filter};
     if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) != 0) fail_child(STEP_SECCOMP);
+    /* The watch, stacked on top: its notifications lose to the deny filter's kills and errnos. A kernel (or a
+     * container runtime already holding the one listener a filter chain may have) that refuses it leaves the
+     * run unwatched, and the result says so (no SANDBOX_ISO_WATCH). */
+    int lfd = -1;
+    if (x->watch && g_wfilter_len) {
+        struct sock_fprog wp = {.len = g_wfilter_len, .filter = g_wfilter};
+        lfd = (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, &wp);
+    }
+    send_listener(lfd);
+    if (lfd >= 0) close(lfd);
+    close(FD_SOCK);
     execve(x->exe, x->argv, x->envp);
     fail_child(STEP_EXEC);
 }
@@ -375,24 +436,8 @@ static void kill_children_of(pid_t me) {
             if (*p < '1' || *p > '9') continue;
             for (; *p >= '0' && *p <= '9'; p++) pid = pid * 10 + (*p - '0');
             if (*p) continue;
-            char path[40] = "/proc/", digits[24];
-            int nd = 0;
-            for (long v = pid; v > 0; v /= 10) digits[nd++] = (char)('0' + v % 10);
-            size_t k = 6;
-            while (nd > 0) path[k++] = digits[--nd];
-            memcpy(path + k, "/stat", 6);
-            int fd = open(path, O_RDONLY | O_CLOEXEC);
-            if (fd < 0) continue;
-            char st[512];
-            ssize_t r = read(fd, st, sizeof st - 1);
-            close(fd);
-            if (r <= 0) continue;
-            st[r] = '\0';
-            char *q = strrchr(st, ')'); /* "pid (comm) S ppid ...": comm may hold anything */
-            if (!q || q[1] != ' ' || !q[2] || q[3] != ' ') continue;
-            long ppid = 0;
-            for (q += 4; *q >= '0' && *q <= '9'; q++) ppid = ppid * 10 + (*q - '0');
-            if (ppid == (long)me) kill((pid_t)pid, SIGKILL);
+            pid_t ppid = proc_ppid((pid_t)pid);
+            if (ppid == me) kill((pid_t)pid, SIGKILL);
         }
     }
     close(dfd);
@@ -414,6 +459,17 @@ __attribute__((noreturn)) static void supervisor_main(const sbx_ctx *x) {
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     int iso = 0;
     if (x->netns && unshare(CLONE_NEWNET) == 0) iso |= SANDBOX_ISO_NETNS;
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) {
+        put_msg(FD_ST, MSG_FAIL, STEP_WATCH, errno, 0, 0);
+        _exit(126);
+    }
+    int sock = fcntl(sv[0], F_DUPFD_CLOEXEC, 64);
+    close(sv[0]);
+    if (sock < 0 || (sv[1] != FD_SOCK && (dup2(sv[1], FD_SOCK) < 0 || close(sv[1]) != 0))) {
+        put_msg(FD_ST, MSG_FAIL, STEP_WATCH, errno, 0, 0);
+        _exit(126);
+    }
     pid_t me = getpid();
     pid_t c = raw_fork();
     if (c == 0) program_main(x, me);
@@ -425,21 +481,54 @@ __attribute__((noreturn)) static void supervisor_main(const sbx_ctx *x) {
     close(FD_OUT);
     close(FD_ERR);
     close(FD_IN);
+    close(FD_SOCK);
+    int lfd = recv_listener(sock); /* -2: the program failed before (its MSG_FAIL is on the way) */
+    close(sock);
+    if (lfd >= 0) iso |= SANDBOX_ISO_WATCH;
     put_msg(FD_ST, MSG_PID, (int)c, iso, 0, 0);
 
-    /* Wait for the program itself, reaping orphans that die meanwhile. WNOWAIT keeps the program a zombie,
-     * so its pid, the group id, cannot be reused before the group kill below. */
+    watch_state w;
+    memset(&w, 0, sizeof w);
+    w.dir = x->dir_real;
+    w.super = me;
+    w.uid = x->as_root ? x->uid : getuid();
+    w.gid = x->as_root ? x->gid : getgid();
+    if (!x->as_root) {
+        int ng = getgroups(32, w.groups);
+        w.ngroups = ng > 0 ? ng : 0;
+    }
+    int pfd = (int)syscall(SYS_pidfd_open, c, 0U); /* wakes the poll when the program ends (Linux 5.3+) */
+
+    /* Wait for the program itself, answering the watch and reaping orphans that die meanwhile. WNOWAIT keeps
+     * the program a zombie, so its pid, the group id, cannot be reused before the group kill below. */
     int status = 0;
     for (;;) {
         siginfo_t si;
         memset(&si, 0, sizeof si);
-        if (waitid(P_ALL, 0, &si, WEXITED | WNOWAIT) != 0) {
+        int polling = lfd >= 0 || pfd >= 0;
+        if (waitid(P_ALL, 0, &si, WEXITED | WNOWAIT | (polling ? WNOHANG : 0)) != 0) {
             if (errno == EINTR) continue;
             break;
         }
         if (si.si_pid == c) break;
-        waitpid(si.si_pid, NULL, 0);
+        if (si.si_pid != 0) {
+            waitpid(si.si_pid, NULL, 0);
+            continue;
+        }
+        struct pollfd pf[2];
+        int np = 0;
+        if (lfd >= 0) pf[np++] = (struct pollfd){.fd = lfd, .events = POLLIN};
+        if (pfd >= 0) pf[np++] = (struct pollfd){.fd = pfd, .events = POLLIN};
+        /* orphans' exits wake nothing: look again every 10 ms */
+        if (poll(pf, (nfds_t)np, 10) > 0 && lfd >= 0 && pf[0].revents) {
+            if (!(pf[0].revents & POLLIN) || watch_handle(lfd, &w) != 0) { /* no process has the filter */
+                close(lfd);
+                lfd = -1;
+            }
+        }
     }
+    if (lfd >= 0) close(lfd); /* calls still waiting fail with ENOSYS; their processes die below */
+    if (pfd >= 0) close(pfd);
     kill(-c, SIGKILL);
     while (waitpid(c, &status, 0) < 0 && errno == EINTR) {}
     /* Everything else: the group is dead; escapees re-parent to us as their parents die. A process reaped
@@ -461,6 +550,7 @@ __attribute__((noreturn)) static void supervisor_main(const sbx_ctx *x) {
     getrusage(RUSAGE_CHILDREN, &ru);
     int64_t cpu_us = (int64_t)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec + (int64_t)ru.ru_stime.tv_sec * 1000000 +
                      ru.ru_stime.tv_usec;
+    if (w.count > 0) put_msg_text(FD_ST, MSG_DENIED, w.count, 0, 0, 0, w.first);
     put_msg(FD_ST, MSG_DONE, status, left, cpu_us, ru.ru_maxrss);
     _exit(0);
 }
@@ -558,6 +648,7 @@ static void classify(sandbox_result *r, const sandbox_config *cfg, int timed_out
     if (timed_out) r->breach = SANDBOX_TIMEOUT;
     else if (output_killed) r->breach = SANDBOX_OUTPUT;
     else if (r->signal == SIGSYS) r->breach = SANDBOX_SECCOMP;
+    else if (r->denied > 0) r->breach = SANDBOX_DENIED;
     else if (r->signal == SIGXCPU || (r->signal == SIGKILL && r->cpu_s >= cfg->cpu_s)) r->breach = SANDBOX_CPU;
     else if (r->out_truncated || r->err_truncated) r->breach = SANDBOX_OUTPUT;
     if (r->breach == SANDBOX_NONE && !failed && r->orphans > 0) r->breach = SANDBOX_ORPHANS;
@@ -576,7 +667,7 @@ int sandbox_run(const sandbox_config *cfg, const char *program, size_t program_l
     memset(res, 0, sizeof *res);
     int rc = 0;
     int st_pipe[2] = {-1, -1}, out_pipe[2] = {-1, -1}, err_pipe[2] = {-1, -1}, in_fd = -1;
-    char dir[4096] = "", file[4200], exe[4096], home[4200];
+    char dir[4096] = "", dir_real[4096], file[4200], exe[4096], home[4200], tmpdir[4200];
     char *argv[32];
     pid_t spid = -1;
     if (!cfg->argv || !cfg->argv[0] || !cfg->file_name || !cfg->file_name[0] || strchr(cfg->file_name, '/'))
@@ -607,6 +698,8 @@ int sandbox_run(const sandbox_config *cfg, const char *program, size_t program_l
     }
     snprintf(file, sizeof file, "%s/%s", dir, cfg->file_name);
     snprintf(home, sizeof home, "HOME=%s", dir);
+    snprintf(tmpdir, sizeof tmpdir, "TMPDIR=%s", dir);
+    if (!realpath(dir, dir_real)) snprintf(dir_real, sizeof dir_real, "%s", dir);
     int as_root = geteuid() == 0;
     {
         int fd = open(file, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
@@ -632,10 +725,10 @@ int sandbox_run(const sandbox_config *cfg, const char *program, size_t program_l
     }
     for (size_t i = 0; i < argc; i++) argv[i] = (char *)cfg->argv[i];
     argv[argc] = NULL;
-    char *envp[] = {"PATH=/usr/local/bin:/usr/bin:/bin", home, "LANG=C.UTF-8", NULL};
+    char *envp[] = {"PATH=/usr/local/bin:/usr/bin:/bin", home, tmpdir, "LANG=C.UTF-8", NULL};
     sbx_ctx x = {
         .parent = getpid(), .fd_st = st_pipe[1], .fd_out = out_pipe[1], .fd_err = err_pipe[1], .fd_in = in_fd,
-        .dir = dir, .exe = exe, .argv = argv, .envp = envp, .as_root = as_root, .netns = cfg->netns,
+        .dir = dir, .dir_real = dir_real, .exe = exe, .argv = argv, .envp = envp, .as_root = as_root, .netns = cfg->netns, .watch = cfg->watch,
         .ll_abi = g_ll_abi, .uid = cfg->uid, .gid = cfg->gid,
     };
     rlim_t cpu = (rlim_t)(cfg->cpu_s > 0 ? cfg->cpu_s + 0.999 : 1);
@@ -699,6 +792,10 @@ int sandbox_run(const sandbox_config *cfg, const char *program, size_t program_l
                     } else if (m.type == MSG_FAIL && !fail_step) {
                         fail_step = m.a;
                         fail_errno = m.b;
+                    } else if (m.type == MSG_DENIED) {
+                        res->denied = m.a;
+                        memcpy(res->denied_what, m.text, sizeof res->denied_what);
+                        res->denied_what[sizeof res->denied_what - 1] = '\0';
                     } else if (m.type == MSG_DONE) {
                         done = 1;
                         dm = m;

@@ -31,7 +31,13 @@
  *                 CLONE_NEW* flag), set*id, reboot, modules, kexec, bpf, perf, keyrings, io_uring,
  *                 userfaultfd. clone3 fails with ENOSYS so that libc falls back to clone, whose flags the
  *                 filter can read.
- *   environment   cleared: only PATH, HOME (the temporary directory) and LANG are set.
+ *   watch         where the kernel has seccomp user notification (5.5+): a second filter sends file-system
+ *                 and signal calls to the supervisor, which denies and records writes outside the temporary
+ *                 directory, reads of files the uid may not read, /proc of outside processes and signals to
+ *                 outside processes: the run is then SANDBOX_DENIED with the first as its reason, instead
+ *                 of a silent EACCES that passes as a wrong answer. It observes; the layers above enforce
+ *                 (see rewards/sandbox_watch.h).
+ *   environment   cleared: only PATH, HOME and TMPDIR (the temporary directory) and LANG are set.
  *
  * stdin comes from an anonymous memory file (no pipe to fill, no SIGPIPE in the caller); stdout and stderr
  * go through pipes, each captured up to cfg->max_output bytes; beyond that the output is drained and
@@ -60,7 +66,10 @@ typedef enum {
     SANDBOX_OUTPUT,  /* stdout or stderr beyond cfg->max_output */
     SANDBOX_SECCOMP, /* killed by the seccomp filter (SIGSYS): a forbidden system call */
     SANDBOX_FORK,    /* RLIMIT_NPROC: fork failed (EAGAIN, "Resource temporarily unavailable") and it failed */
-    SANDBOX_ORPHANS  /* it ended but left background processes running (killed by the supervisor) */
+    SANDBOX_ORPHANS, /* it ended but left background processes running (killed by the supervisor) */
+    SANDBOX_DENIED   /* it tried what the sandbox denies (the watch, SANDBOX_ISO_WATCH): a write outside the
+                      * temporary directory, a read of a file its uid may not read, /proc of an outside process,
+                      * a signal to an outside process; sandbox_result.denied_what says the first */
 } sandbox_breach;
 
 const char *sandbox_breach_name(sandbox_breach b); /* "none", "timeout", "cpu", "memory", ... */
@@ -73,7 +82,8 @@ enum {
     SANDBOX_ISO_NPROC = 1 << 3,    /* RLIMIT_NPROC set */
     SANDBOX_ISO_LANDLOCK = 1 << 4, /* filesystem writes confined to the temporary directory */
     SANDBOX_ISO_LL_NET = 1 << 5,   /* Landlock TCP rules (ABI >= 4) */
-    SANDBOX_ISO_LL_SCOPE = 1 << 6  /* Landlock signal and abstract-socket scoping (ABI >= 6) */
+    SANDBOX_ISO_LL_SCOPE = 1 << 6, /* Landlock signal and abstract-socket scoping (ABI >= 6) */
+    SANDBOX_ISO_WATCH = 1 << 7     /* denied operations observed (seccomp user notification, sandbox_watch.h) */
 };
 
 typedef struct sandbox_config {
@@ -90,6 +100,7 @@ typedef struct sandbox_config {
     uid_t uid;                 /* when root: the program's uid and gid */
     gid_t gid;
     int netns;                 /* 1: try a new network namespace (the default) */
+    int watch;                 /* 1: observe denied operations where the kernel can (the default) */
     const char *tmp_root;      /* where the temporary directory goes (NULL: $TMPDIR or /tmp) */
     const char *const *memory_markers; /* NULL-terminated stderr texts that mean "out of memory", or NULL */
 } sandbox_config;
@@ -111,6 +122,8 @@ typedef struct sandbox_result {
     double cpu_s;        /* user + system time of every process of the sandbox */
     long max_rss_kb;     /* largest resident set of any process of the sandbox */
     unsigned isolation;  /* SANDBOX_ISO_* */
+    int denied;          /* operations the watch denied (SANDBOX_DENIED) */
+    char denied_what[200]; /* the first, in words: "write outside the temporary directory: openat /etc/x" */
 } sandbox_result;
 
 /* Runs the program with the given stdin. Returns 0 when the program ran (whatever it did: see the result),
@@ -123,7 +136,7 @@ int sandbox_run(const sandbox_config *cfg, const char *program, size_t program_l
 void sandbox_result_free(sandbox_result *res); /* accepts NULL and a zeroed result */
 
 /* One line for a result's breach: "timeout after 2.0 s (wall limit 2.0 s)", "killed by seccomp (SIGSYS)",
- * ...; "" for SANDBOX_NONE. */
+ * "denied: signal to a process outside the sandbox: kill(123, 15)", ...; "" for SANDBOX_NONE. */
 void sandbox_describe(const sandbox_result *res, const sandbox_config *cfg, char *buf, size_t cap);
 
 /* The layers this process can apply (SANDBOX_ISO_*), probed once: what sandbox_run will report. */

@@ -245,13 +245,67 @@ Test(code_reward, shipped_recipe_and_dataset) {
     reward_set_free(s);
 }
 
+/* The command in the recipe's header, through the moerl binary (the code plugin must be linked into it), on
+ * the shipped rows plus a hostile one and a wrong one. */
+Test(code_reward, moerl_score_cli) {
+    char *dir = tu_tmpdir();
+    char *in = tu_path(dir, "rows.jsonl"), data[4096];
+    snprintf(data, sizeof data, "%s/recipes/data/code-tiny.jsonl", tu_src());
+    size_t len = 0;
+    char *text = tu_read(data, &len);
+    cr_assert_not_null(text, "%s", data);
+    size_t rows = 0;
+    for (size_t i = 0; i < len; i++) rows += text[i] == '\n';
+    const char *extra =
+        "{\"prompt\": \"p\", \"language\": \"python\", \"tests\": [{\"stdin\": \"1 2\\n\", \"stdout\": \"3\\n\"}], "
+        "\"completion\": \"```python\\nimport os\\ntry: os.kill(os.getppid(), 15)\\nexcept OSError: pass\\nprint(3)\\n```\"}\n"
+        "{\"prompt\": \"p\", \"language\": \"python\", \"tests\": [{\"stdin\": \"1 2\\n\", \"stdout\": \"3\\n\"}], "
+        "\"completion\": \"```python\\nprint(4)\\n```\"}\n";
+    char *all = malloc(len + strlen(extra) + 1);
+    memcpy(all, text, len);
+    strcpy(all + len, extra);
+    cr_assert_eq(tu_write(in, all, (size_t)-1), 0);
+    char cmd[8192], *out = NULL;
+    snprintf(cmd, sizeof cmd, "cd %s && %s score --recipe recipes/rewards-code.yaml --in %s", tu_src(), tu_bin(), in);
+    cr_assert_eq(tu_run(cmd, &out), 0, "%s", out);
+    size_t line = 0;
+    for (char *l = strtok(out, "\n"); l; l = strtok(NULL, "\n"), line++) {
+        cJSON *j = cJSON_Parse(l);
+        cr_assert_not_null(j, "%s", l);
+        const char *st = cJSON_GetObjectItem(j, "status")->valuestring;
+        const cJSON *reason = cJSON_GetObjectItem(j, "reason");
+        if (line < rows) {
+            cr_expect_str_eq(st, "score", "row %zu: %s", line + 1, l);
+            cr_expect_eq(cJSON_GetObjectItem(j, "score")->valuedouble, 1.0, "row %zu", line + 1);
+        } else if (line == rows) { /* the hostile row: the parent is signalled (denied), then the right answer */
+            if (sandbox_capabilities() & SANDBOX_ISO_WATCH) {
+                cr_expect_str_eq(st, "error", "%s", l);
+                cr_expect(cJSON_IsString(reason) && strstr(reason->valuestring, "denied: signal to a process outside the "
+                                                                                 "sandbox: kill("),
+                          "%s", l);
+            }
+        } else {
+            cr_expect_str_eq(st, "score", "%s", l);
+            cr_expect_eq(cJSON_GetObjectItem(j, "score")->valuedouble, 0.0, "%s", l);
+        }
+        cJSON_Delete(j);
+    }
+    cr_assert_eq(line, rows + 2, "%zu lines for %zu rows", line, rows + 2);
+    free(out);
+    free(all);
+    free(text);
+    free(in);
+    tu_rmtree(dir);
+    free(dir);
+}
+
 /* ---- the adversarial table, through the reward ----------------------------------------------------------
  * Each attack is one sample of a batch scored by a set with ONE worker; the sample after it is an honest
  * program that must score 1.0 on the same worker. Breaches are ERROR with their reason, within the row's limit
  * + 10%; attacks the kernel denies (writes outside the temporary directory, /etc/shadow, the parent's
- * environment, signals to the parent) fail inside the program: the attempt is contained (checked from here)
- * and the answer is simply wrong. When root, every sandbox runs as a uid of code.c's range: no process of
- * that range may be left. */
+ * environment, signals to the parent) are contained (checked from here) and, where the kernel has seccomp user
+ * notification (the sandbox's watch), seen: ERROR "denied: ..." with what was tried. When root, every sandbox
+ * runs as a uid of code.c's range: no process of that range may be left. */
 
 #define CODE_UID_BASE 1510000000u /* rewards/code.c UID_BASE */
 
@@ -355,21 +409,32 @@ Test(code_reward, adversarial_denials) {
     char *victim = tu_path(dir, "pwned");
     setenv("MOERL_TEST_SECRET", "hunter2-s3cr3t", 1);
     char write_prog[1024], parent_prog[512];
-    snprintf(write_prog, sizeof write_prog, "```python\nopen('%s', 'w').write('x')\nprint(3)\n```", victim);
-    snprintf(parent_prog, sizeof parent_prog,
-             "```python\nimport os, signal\nos.kill(%d, signal.SIGKILL)\nprint(3)\n```", (int)getpid());
-    /* Each prints the right answer only when its attack succeeded. */
+    const int watched = (sandbox_capabilities() & SANDBOX_ISO_WATCH) != 0;
+    /* Watched, each attack catches its error and prints the right answer: only the watch can tell the attempt
+     * from an honest answer. Unwatched, each prints the right answer only when its attack succeeded. */
+    const char *catch_ = watched ? "try: " : "", *pass_ = watched ? "\nexcept OSError: pass" : "";
+    snprintf(parent_prog, sizeof parent_prog, "```python\nimport os, signal\n%sos.kill(%d, signal.SIGKILL)%s\nprint(3)\n```",
+             catch_, (int)getpid(), pass_);
+    snprintf(write_prog, sizeof write_prog, "```python\n%sopen('%s', 'w').write('x')%s\nprint(3)\n```", catch_, victim, pass_);
+    const reward_status want_st = watched ? REWARD_ERROR : REWARD_SCORE;
+    char write_why[600];
+    snprintf(write_why, sizeof write_why, "test 1/1: denied: write outside the temporary directory: openat %s", victim);
     const code_attack cases[] = {
-        {"write outside the temporary directory", write_prog, REWARD_SCORE, "passed 0/1", NULL},
-        {"/etc/shadow", "```python\nopen('/etc/shadow').read()\nprint(3)\n```", REWARD_SCORE, "passed 0/1", NULL},
+        {"write outside the temporary directory", write_prog, want_st, watched ? write_why : "passed 0/1", NULL},
+        {"/etc/shadow", watched ? "```python\ntry: open('/etc/shadow').read()\nexcept OSError: pass\nprint(3)\n```"
+                                : "```python\nopen('/etc/shadow').read()\nprint(3)\n```", want_st,
+         watched ? "test 1/1: denied: read of a file the sandbox may not read: openat /etc/shadow (mode " : "passed 0/1", NULL},
         {"the parent's environment",
-         "```python\nimport os\nd = open('/proc/%d/environ' % os.getppid(), 'rb').read()\nprint(3 if b'hunter2' in d else 0)\n```",
-         REWARD_SCORE, "passed 0/1", NULL},
+         "```python\nimport os\ntry: d = open('/proc/%d/environ' % os.getppid(), 'rb').read()\nexcept OSError: d = b''\n"
+         "print(3 if b'hunter2' in d else 0)\n```",
+         want_st, watched ? "test 1/1: denied: access to a process outside the sandbox: openat /proc/" : "passed 0/1", NULL},
         {"own environment", "```python\nimport os\nprint(3 if 'MOERL_TEST_SECRET' in os.environ else 0)\n```", REWARD_SCORE,
          "passed 0/1", NULL},
-        {"signalling the parent", parent_prog, REWARD_SCORE, "passed 0/1", NULL},
+        {"signalling the parent", parent_prog, want_st,
+         watched ? "test 1/1: denied: signal to a process outside the sandbox: kill(" : "passed 0/1", NULL},
     };
     if (geteuid() != 0) cr_skip_test("/etc/shadow and the parent's environment are readable by root only: needs root");
+    if (!watched) cr_log_warn("no seccomp user notification here: denied attacks score as wrong answers");
     run_code_attacks(cases, sizeof cases / sizeof cases[0], 3.0);
     struct stat st;
     cr_assert_eq(stat(victim, &st), -1, "the program wrote %s", victim);

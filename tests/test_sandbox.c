@@ -138,10 +138,20 @@ Test(sandbox, clean_environment_and_no_secrets) {
            NULL, &r);
     cr_assert(r.exited && r.exit_code == 0, "%s", r.err);
     cr_assert_null(strstr(r.out, "hunter2"), "the secret leaked: %s", r.out);
-    const char *want = geteuid() == 0 ? "['HOME', 'LANG', 'PATH']\nTrue\nshadow: PermissionError\nparent env: PermissionError\n"
+    const char *want = geteuid() == 0 ? "['HOME', 'LANG', 'PATH', 'TMPDIR']\nTrue\nshadow: PermissionError\nparent env: PermissionError\n"
                                       : NULL;
     if (want) cr_assert_str_eq(r.out, want);
-    else cr_assert(strncmp(r.out, "['HOME', 'LANG', 'PATH']\nTrue\n", 30) == 0, "%s", r.out);
+    else cr_assert(strncmp(r.out, "['HOME', 'LANG', 'PATH', 'TMPDIR']\nTrue\n", 40) == 0, "%s", r.out);
+    /* The watch saw both attempts, though the program caught the errors: the run is an error, not an answer. */
+    if (r.isolation & SANDBOX_ISO_WATCH) {
+        cr_assert_eq(r.breach, SANDBOX_DENIED, "%s", sandbox_breach_name(r.breach));
+        cr_assert_eq(r.denied, geteuid() == 0 ? 2 : 1, "%d: %s", r.denied, r.denied_what); /* shadow needs root */
+        const char *first = geteuid() == 0 ? "read of a file the sandbox may not read: openat /etc/shadow (mode 0"
+                                           : "access to a process outside the sandbox: openat /proc/";
+        cr_assert(!strncmp(r.denied_what, first, strlen(first)), "%s", r.denied_what);
+    } else {
+        cr_log_warn("no seccomp user notification: denied reads are not observed");
+    }
     sandbox_result_free(&r);
     unsetenv("MOERL_TEST_SECRET");
 }
@@ -330,7 +340,18 @@ Test(sandbox, writes_outside_the_temporary_directory) {
     cr_assert(r.exited && r.exit_code == 0, "%s", r.err);
     struct stat st;
     cr_assert_eq(stat("/etc/moerl-pwned", &st), -1);
-    if (r.isolation & SANDBOX_ISO_LANDLOCK) {
+    if (r.isolation & SANDBOX_ISO_WATCH) {
+        char first[600];
+        snprintf(first, sizeof first, "write outside the temporary directory: openat %s", victim);
+        cr_assert_eq(r.breach, SANDBOX_DENIED);
+        cr_assert_eq(r.denied, 3, "%d: %s", r.denied, r.denied_what);
+        cr_assert_str_eq(r.denied_what, first);
+        char why[300];
+        sandbox_describe(&r, &c, why, sizeof why);
+        cr_assert(strstr(why, "denied: write outside the temporary directory: openat ") == why, "%s", why);
+        cr_assert(strstr(why, " (and 2 more)") != NULL, "%s", why);
+    }
+    if (r.isolation & (SANDBOX_ISO_LANDLOCK | SANDBOX_ISO_WATCH)) {
         cr_assert_str_eq(r.out, "denied PermissionError\ndenied PermissionError\ndenied PermissionError\nfine\n");
         cr_assert_eq(stat(victim, &st), -1, "wrote %s", victim);
     } else {
@@ -360,6 +381,14 @@ Test(sandbox, signalling_the_parent_and_everyone) {
     /* We are still here, and so is the supervisor (it reported). */
     cr_assert(r.exited && r.exit_code == 0, "%s", r.err);
     cr_assert_str_eq(r.out, "denied PermissionError\ndenied PermissionError\ndenied PermissionError\n");
+    if (r.isolation & SANDBOX_ISO_WATCH) {
+        cr_assert_eq(r.breach, SANDBOX_DENIED);
+        cr_assert_eq(r.denied, 3, "%d: %s", r.denied, r.denied_what);
+        const char *pre = "signal to a process outside the sandbox: kill(", *post = ", 9): the program's parent";
+        size_t n = strlen(r.denied_what);
+        cr_assert(!strncmp(r.denied_what, pre, strlen(pre)) && n > strlen(post) &&
+                      !strcmp(r.denied_what + n - strlen(post), post), "%s", r.denied_what);
+    }
     sandbox_result_free(&r);
     /* kill(-1): every process it may signal. Killed by seccomp before it can try. */
     run_py(&c, "import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('survived')\n", NULL, &r);
@@ -371,6 +400,88 @@ Test(sandbox, signalling_the_parent_and_everyone) {
     cr_assert_eq(r.breach, SANDBOX_SECCOMP);
     sandbox_result_free(&r);
     assert_clean_and_next_ok(c.uid);
+}
+
+/* Tricks that name an outside file through the program's own directory: a symlink to it, a symlinked
+ * directory, "..". The watch judges the path the kernel would resolve. */
+Test(sandbox, writes_through_symlinks_and_dotdot) {
+    sandbox_config c = py_cfg(61021, 5.0);
+    sandbox_result r;
+    static const struct {
+        const char *prog, *want;
+    } cases[] = {
+        {"import os\nos.symlink('/etc/moerl-pwned-a', 'a')\ntry: open('a', 'w')\nexcept OSError: pass\n",
+         "write outside the temporary directory: openat /etc/moerl-pwned-a"},
+        {"import os\nos.symlink('/etc', 'e')\ntry: open('e/moerl-pwned-b', 'w')\nexcept OSError: pass\n",
+         "write outside the temporary directory: openat /etc/moerl-pwned-b"},
+        {"import os\ntry: open('../../../../../../../etc/moerl-pwned-c', 'w')\nexcept OSError: pass\n",
+         "write outside the temporary directory: openat /etc/moerl-pwned-c"},
+        {"import os\ntry: os.rename('/etc/hostname', 'h')\nexcept OSError: pass\n",
+         "write outside the temporary directory: rename /etc/hostname"},
+        {"import os\ntry: os.mkdir('/var/tmp/moerl-pwned-d')\nexcept OSError: pass\n",
+         "write outside the temporary directory: mkdir /var/tmp/moerl-pwned-d"},
+        {"import os\ntry: os.chmod('/etc/passwd', 0o777)\nexcept OSError: pass\n",
+         "write outside the temporary directory: chmod /etc/passwd"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        run_py(&c, cases[i].prog, NULL, &r);
+        if (!(r.isolation & SANDBOX_ISO_WATCH)) {
+            sandbox_result_free(&r);
+            cr_skip_test("no seccomp user notification on this kernel");
+        }
+        cr_expect(r.exited && r.exit_code == 0, "case %zu: %s", i, r.err);
+        cr_expect_eq(r.breach, SANDBOX_DENIED, "case %zu: %s", i, sandbox_breach_name(r.breach));
+        cr_expect_str_eq(r.denied_what, cases[i].want, "case %zu", i);
+        sandbox_result_free(&r);
+    }
+    struct stat st;
+    cr_assert_eq(stat("/etc/moerl-pwned-a", &st), -1);
+    cr_assert_eq(stat("/etc/moerl-pwned-b", &st), -1);
+    cr_assert_eq(stat("/etc/moerl-pwned-c", &st), -1);
+    assert_clean_and_next_ok(c.uid);
+}
+
+/* What honest programs do must not count: files, directories, renames and symlinks in the working
+ * directory and through tempfile, /dev/null, their own /proc, signals to themselves and their children, a
+ * subprocess, and Lua's io in the working directory. */
+Test(sandbox, honest_programs_are_not_denied) {
+    sandbox_config c = py_cfg(61022, 10.0);
+    sandbox_result r;
+    run_py(&c,
+           "import os, signal, subprocess, tempfile, time\n"
+           "open('a.txt', 'w').write('x')\nos.mkdir('d')\nos.rename('a.txt', 'd/b.txt')\nos.symlink('d/b.txt', 'l')\n"
+           "print(open('l').read())\nos.chmod('d/b.txt', 0o600)\nos.unlink('l')\n"
+           "with tempfile.NamedTemporaryFile('w') as f: f.write('y'); f.flush()\n"
+           "with tempfile.TemporaryDirectory() as t: open(os.path.join(t, 'z'), 'w').write('z')\n"
+           "open('/dev/null', 'w').write('n')\n"
+           "print(len(open('/proc/self/status').read()) > 0, len(open('/proc/%d/environ' % os.getpid(), 'rb').read()) > 0)\n"
+           "os.kill(os.getpid(), 0)\n"
+           "p = subprocess.Popen(['sleep', '5'])\np.send_signal(signal.SIGTERM)\np.wait()\n"
+           "print(subprocess.run(['cat', 'd/b.txt'], capture_output=True).stdout.decode())\n"
+           "print(len(open('/etc/passwd').read()) > 0)\n",
+           NULL, &r);
+    if (!(r.isolation & SANDBOX_ISO_WATCH)) {
+        sandbox_result_free(&r);
+        cr_skip_test("no seccomp user notification on this kernel");
+    }
+    cr_assert(r.exited && r.exit_code == 0, "%s", r.err);
+    cr_assert_eq(r.denied, 0, "%s", r.denied_what);
+    cr_assert_eq(r.breach, SANDBOX_NONE);
+    cr_assert_str_eq(r.out, "x\nTrue True\nx\nTrue\n");
+    sandbox_result_free(&r);
+    sandbox_config l = c;
+    static const char *const lua_args[] = {"lua5.4", "main.lua", NULL};
+    l.argv = lua_args;
+    l.file_name = "main.lua";
+    run_py(&l, "local f = assert(io.open('x.txt', 'w'))\nf:write('lua')\nf:close()\nprint(io.open('x.txt'):read('a'))\n"
+               "os.remove('x.txt')\nprint(io.open('/etc/shadow') == nil)\n", NULL, &r);
+    cr_assert(r.exited && r.exit_code == 0, "%s", r.err);
+    cr_assert_str_eq(r.out, "lua\ntrue\n");
+    if (geteuid() == 0) { /* nobody may not read /etc/shadow; the caller's uid may not either, unless root */
+        cr_assert_eq(r.breach, SANDBOX_DENIED);
+        cr_assert(!strncmp(r.denied_what, "read of a file the sandbox may not read: open", 45), "%s", r.denied_what);
+    }
+    sandbox_result_free(&r);
 }
 
 Test(sandbox, orphaned_background_children_are_killed) {
