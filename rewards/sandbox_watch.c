@@ -160,12 +160,16 @@ static void proc_path(sbuf *b, pid_t pid, const char *rest) {
     sb_str(b, rest);
 }
 
-/* A NUL-terminated string at addr in pid's memory; 0, or -1 (unreadable, or longer than cap - 1). */
-static int read_string(pid_t pid, uint64_t addr, char *out, size_t cap) {
+static int mem_open(pid_t pid) {
     char path[40];
     sbuf b = {path, sizeof path, 0};
     proc_path(&b, pid, "/mem");
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    return open(path, O_RDONLY | O_CLOEXEC);
+}
+
+/* A NUL-terminated string at addr in pid's memory; 0, or -1 (unreadable, or longer than cap - 1). */
+static int read_string(pid_t pid, uint64_t addr, char *out, size_t cap) {
+    int fd = mem_open(pid);
     if (fd < 0) return -1;
     size_t got = 0;
     int ok = -1;
@@ -187,10 +191,7 @@ static int read_string(pid_t pid, uint64_t addr, char *out, size_t cap) {
 }
 
 static int read_bytes(pid_t pid, uint64_t addr, void *out, size_t n) {
-    char path[40];
-    sbuf b = {path, sizeof path, 0};
-    proc_path(&b, pid, "/mem");
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = mem_open(pid);
     if (fd < 0) return -1;
     ssize_t r = pread(fd, out, n, (off_t)addr);
     close(fd);
