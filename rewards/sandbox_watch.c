@@ -76,25 +76,26 @@ enum { K_OPEN, K_OPENAT2, K_WRITE, K_SIGNAL };
 typedef struct {
     const char *name;
     signed char kind, dfd, path, dfd2, path2, flags; /* argument indexes; -1: none (dfd: relative to the cwd) */
+    signed char follow; /* a K_WRITE call that acts on a symlink's target (opens follow unless O_NOFOLLOW) */
 } wcall;
 
 static const wcall calls[] = {
-    {"open", K_OPEN, -1, 0, -1, -1, 1},       {"openat", K_OPEN, 0, 1, -1, -1, 2},
-    {"openat2", K_OPENAT2, 0, 1, -1, -1, 2},  {"creat", K_WRITE, -1, 0, -1, -1, -1},
-    {"truncate", K_WRITE, -1, 0, -1, -1, -1}, {"unlink", K_WRITE, -1, 0, -1, -1, -1},
-    {"unlinkat", K_WRITE, 0, 1, -1, -1, -1},  {"rmdir", K_WRITE, -1, 0, -1, -1, -1},
-    {"mkdir", K_WRITE, -1, 0, -1, -1, -1},    {"mkdirat", K_WRITE, 0, 1, -1, -1, -1},
-    {"mknod", K_WRITE, -1, 0, -1, -1, -1},    {"mknodat", K_WRITE, 0, 1, -1, -1, -1},
-    {"rename", K_WRITE, -1, 0, -1, 1, -1},    {"renameat", K_WRITE, 0, 1, 2, 3, -1},
-    {"renameat2", K_WRITE, 0, 1, 2, 3, -1},   {"link", K_WRITE, -1, 1, -1, -1, -1},
-    {"linkat", K_WRITE, 2, 3, -1, -1, -1},    {"symlink", K_WRITE, -1, 1, -1, -1, -1},
-    {"symlinkat", K_WRITE, 1, 2, -1, -1, -1}, {"chmod", K_WRITE, -1, 0, -1, -1, -1},
-    {"fchmodat", K_WRITE, 0, 1, -1, -1, -1},  {"fchmodat2", K_WRITE, 0, 1, -1, -1, -1},
-    {"chown", K_WRITE, -1, 0, -1, -1, -1},    {"lchown", K_WRITE, -1, 0, -1, -1, -1},
-    {"fchownat", K_WRITE, 0, 1, -1, -1, -1},  {"kill", K_SIGNAL, -1, 0, -1, -1, -1},
-    {"tkill", K_SIGNAL, -1, 0, -1, -1, -1},   {"tgkill", K_SIGNAL, -1, 0, -1, -1, -1},
-    {"rt_sigqueueinfo", K_SIGNAL, -1, 0, -1, -1, -1}, {"rt_tgsigqueueinfo", K_SIGNAL, -1, 0, -1, -1, -1},
-    {"pidfd_open", K_SIGNAL, -1, 0, -1, -1, -1},
+    {"open", K_OPEN, -1, 0, -1, -1, 1, 1},        {"openat", K_OPEN, 0, 1, -1, -1, 2, 1},
+    {"openat2", K_OPENAT2, 0, 1, -1, -1, 2, 1},   {"creat", K_WRITE, -1, 0, -1, -1, -1, 1},
+    {"truncate", K_WRITE, -1, 0, -1, -1, -1, 1},  {"unlink", K_WRITE, -1, 0, -1, -1, -1, 0},
+    {"unlinkat", K_WRITE, 0, 1, -1, -1, -1, 0},   {"rmdir", K_WRITE, -1, 0, -1, -1, -1, 0},
+    {"mkdir", K_WRITE, -1, 0, -1, -1, -1, 0},     {"mkdirat", K_WRITE, 0, 1, -1, -1, -1, 0},
+    {"mknod", K_WRITE, -1, 0, -1, -1, -1, 0},     {"mknodat", K_WRITE, 0, 1, -1, -1, -1, 0},
+    {"rename", K_WRITE, -1, 0, -1, 1, -1, 0},     {"renameat", K_WRITE, 0, 1, 2, 3, -1, 0},
+    {"renameat2", K_WRITE, 0, 1, 2, 3, -1, 0},    {"link", K_WRITE, -1, 1, -1, -1, -1, 0},
+    {"linkat", K_WRITE, 2, 3, -1, -1, -1, 0},     {"symlink", K_WRITE, -1, 1, -1, -1, -1, 0},
+    {"symlinkat", K_WRITE, 1, 2, -1, -1, -1, 0},  {"chmod", K_WRITE, -1, 0, -1, -1, -1, 1},
+    {"fchmodat", K_WRITE, 0, 1, -1, -1, -1, 1},   {"fchmodat2", K_WRITE, 0, 1, -1, -1, -1, 1},
+    {"chown", K_WRITE, -1, 0, -1, -1, -1, 1},     {"lchown", K_WRITE, -1, 0, -1, -1, -1, 0},
+    {"fchownat", K_WRITE, 0, 1, -1, -1, -1, 1},   {"kill", K_SIGNAL, -1, 0, -1, -1, -1, 0},
+    {"tkill", K_SIGNAL, -1, 0, -1, -1, -1, 0},    {"tgkill", K_SIGNAL, -1, 0, -1, -1, -1, 0},
+    {"rt_sigqueueinfo", K_SIGNAL, -1, 0, -1, -1, -1, 0}, {"rt_tgsigqueueinfo", K_SIGNAL, -1, 0, -1, -1, -1, 0},
+    {"pidfd_open", K_SIGNAL, -1, 0, -1, -1, -1, 0},
 };
 #define NCALLS (sizeof calls / sizeof calls[0])
 
@@ -466,7 +467,7 @@ static int judge(watch_state *w, int lfd, const struct seccomp_notif *n) {
         if (read_string(pid, a[pi], rel, sizeof rel) != 0) return 0; /* EFAULT from the kernel, or too long */
         int dfd = di >= 0 ? (int)a[di] : AT_FDCWD;
         int write = c->kind == K_WRITE || (flags & O_ACCMODE) != O_RDONLY || (flags & (O_CREAT | O_TRUNC));
-        int follow = c->kind != K_WRITE && !(flags & O_NOFOLLOW) && !((flags & O_CREAT) && (flags & O_EXCL));
+        int follow = c->follow && !(flags & O_NOFOLLOW) && !((flags & O_CREAT) && (flags & O_EXCL));
         if (c->kind != K_WRITE && (flags & O_PATH)) return 0;
         if (canonical(pid, dfd, rel, follow, path, sizeof path) != 0) return 0;
         /* the pid may have died and been reused while we read its memory: then nothing above was its */

@@ -422,6 +422,8 @@ Test(sandbox, writes_through_symlinks_and_dotdot) {
          "write outside the temporary directory: mkdir /var/tmp/moerl-pwned-d"},
         {"import os\ntry: os.chmod('/etc/passwd', 0o777)\nexcept OSError: pass\n",
          "write outside the temporary directory: chmod /etc/passwd"},
+        {"import os\nos.symlink('/etc/passwd', 'p')\ntry: os.chmod('p', 0o777)\nexcept OSError: pass\n",
+         "write outside the temporary directory: chmod /etc/passwd"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         run_py(&c, cases[i].prog, NULL, &r);
