@@ -51,7 +51,7 @@ int main(int argc, char **argv) {
            caps & SANDBOX_ISO_SECCOMP ? "yes" : "no", caps & SANDBOX_ISO_UID ? "yes" : "no (not root)",
            caps & SANDBOX_ISO_NETNS ? "tried" : "no", caps & SANDBOX_ISO_LANDLOCK ? "yes" : "no",
            caps & SANDBOX_ISO_LL_NET ? "yes" : "no", caps & SANDBOX_ISO_LL_SCOPE ? "yes" : "no",
-           caps & SANDBOX_ISO_WATCH ? "yes" : "no", cores);
+           caps & SANDBOX_ISO_WATCH ? "yes" : sandbox_watch_error(), cores);
     static const char *const t_argv[] = {"true", NULL};
     static const char *const py_argv[] = {"python3", "-I", "-B", "main.py", NULL};
     double py_w = bare(py_argv, "main.py", "print(1)\n", 10, 1), py_nw = bare(py_argv, "main.py", "print(1)\n", 10, 0);

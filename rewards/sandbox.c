@@ -167,6 +167,11 @@ unsigned sandbox_capabilities(void) {
     return c;
 }
 
+const char *sandbox_watch_error(void) {
+    pthread_once(&g_filter_once, filter_build);
+    return g_wfilter_len ? "" : g_watch_err[0] ? g_watch_err : "the seccomp filter itself failed";
+}
+
 /* ---- names and defaults ------------------------------------------------------------------------------ */
 
 const char *sandbox_breach_name(sandbox_breach b) {

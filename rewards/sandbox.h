@@ -142,6 +142,10 @@ void sandbox_describe(const sandbox_result *res, const sandbox_config *cfg, char
 /* The layers this process can apply (SANDBOX_ISO_*), probed once: what sandbox_run will report. */
 unsigned sandbox_capabilities(void);
 
+/* Why this process has no watch (SANDBOX_ISO_WATCH missing from sandbox_capabilities), e.g. "seccomp user
+ * notification: Invalid argument"; "" when it has one. */
+const char *sandbox_watch_error(void);
+
 /* 1 when uid can be switched to from here: root, and uid inside this user namespace's uid_map. */
 int sandbox_uid_usable(uid_t uid);
 
