@@ -1,20 +1,27 @@
 /* bench_rollout.c: the rollout engine's figures on the tiny preset (config_tiny) and the ~100M preset of
- * `moerl bench model --preset 100m`, random weights. A benchmark, not a test: prints figures, asserts nothing.
+ * `moerl bench model --preset 100m`, random weights, and MTP speculative decoding on a trained checkpoint.
+ * A benchmark, not a test: prints figures, asserts nothing.
  * Usage: bench_rollout [threads (default 2)] [seconds per figure (default 0.5)]
- *                      [decode (default) | all | train | decode-notorch | spec | one tiny|100m det|fast B [N]]
+ *                      [decode (default) | all | train | decode-notorch | spec | spec-ckpt DIR [RECIPE] [N]
+ *                       | one tiny|100m det|fast B [N] | engine tiny|100m B [N]]
  *
  *   1. (train) the training forward (train = 0, and train = 1 + backward) with the absorbed attention (MM_DET
  *      default, what makes rollout log-probs exact) against the non-absorbed one (model_opts.attn_naive), T = 512
  *      in 4 packed documents, tiny preset;
  *   2. (decode) for both presets: prefill tokens/s (B prompts of 32 tokens) and decode tokens/s (16 steps) at batch
- *      1, 16, 128, MM_DET and MM_FAST, next to a same-run PyTorch decode with a KV cache (bench/torch_decode.py,
- *      /usr/bin/python3; skipped with the reason when torch is missing) and the memory-bandwidth bound of batch-1
- *      decode (fp32 bytes of the weights one token reads over the bandwidth measured in the same run); the ratios
- *      against the targets (batch-1 decode >= 60% of the bound, batch 16 >= 5x PyTorch); KV bytes per token,
- *      latent vs full multi-head K and V;
- *   3. (spec) MTP speculative decoding through rollout_generate, greedy and T = 1, batch 1 and 16, tiny preset:
- *      tokens/s plain vs speculative, acceptance rate. With random weights the MTP module drafts at random: the
- *      acceptance (and speed-up) of a trained model is higher; this measures the machinery's cost. */
+ *      1, 16, 128, MM_DET, then end to end through rollout_generate (sampling at T = 1 and the log-prob bookkeeping)
+ *      right after the MM_DET figure of the same batch, then MM_FAST; next to a same-run PyTorch decode with a KV
+ *      cache (bench/torch_decode.py, /usr/bin/python3; skipped with the reason when torch is missing) and the
+ *      memory-bandwidth bound of batch-1 decode (fp32 bytes of the weights one token reads over the bandwidth
+ *      measured in the same run); the ratios against the targets (batch-1 decode >= 60% of the bound, the decode
+ *      step's and the end-to-end one; batch 16 >= 5x PyTorch); KV bytes per token, latent vs full multi-head K, V;
+ *   3. (spec) MTP speculative decoding through rollout_generate, greedy and T = 1, batch 1 and 16, tiny preset,
+ *      random weights: the MTP module drafts at random, so this measures the machinery's cost only;
+ *   4. (spec-ckpt DIR [RECIPE] [N]) the same on a trained checkpoint (`moerl sft`'s step-N directory; RECIPE, by
+ *      default recipes/sft-arith.yaml, gives the N = 32 held-out prompts as `moerl eval` takes them, max_new_tokens,
+ *      stop strings): plain vs speculative tokens/s end to end and decode only, the speed-up, the acceptance rate,
+ *      the decode steps, and whether the greedy outputs are identical;
+ *   5. (one, engine) single figures for profiling: a decode step; a decode step and rollout_generate side by side. */
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <omp.h>
@@ -27,12 +34,14 @@
 #include <unistd.h>
 
 #include "core/mem.h"
+#include "core/recipe.h"
 #include "kernels/cpu/attention.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "model/params.h"
 #include "model/setup.h"
 #include "rollout/rollout.h"
+#include "sft/data_setup.h"
 
 /* cli/cmd_bench.c: the ~100M preset of `moerl bench model --preset 100m` (one definition, shared) */
 void bench_config_100m(model_config *c);
@@ -139,7 +148,7 @@ static void bench_attn_only(const model_config *c, double *naive, double *absorb
 /* Prefill and decode through the model's inference entry points (what rollout_generate runs, minus sampling):
  * B prompts of P tokens (distinct ids), prefilled in packed chunks of at most PREFILL_CHUNK prompts
  * (model_prefill, each prompt into its own latent cache); then N decode steps of the B sequences
- * (model_decode_step, fixed ids). prefill tok/s = B·P / best seconds of the whole prefill (repeated while under
+ * (model_decode_step; every step feeds other ids, as decoding does: the MoE layers route them to other experts). prefill tok/s = B·P / best seconds of the whole prefill (repeated while under
  * secs); decode tok/s = B·N / seconds of N steps, best of 2 rounds after one warm-up step (a shared 2-core machine
  * makes single rounds noisy). */
 enum { PREFILL_CHUNK = 16 };
@@ -154,7 +163,7 @@ static void bench_decode(const model_config *c, mm_mode mm, int B, int P, int N,
     model_kv **kvp = malloc(sizeof *kvp * (size_t)B);
     float *mem = malloc(sizeof(float) * (fc + fk) * (size_t)B);
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)Tp * 3), *pos = ids + Tp, *doc = ids + 2 * Tp;
-    int32_t *step = malloc(sizeof(int32_t) * (size_t)B);
+    int32_t *step = malloc(sizeof(int32_t) * (size_t)B * (size_t)(2 * N + 1));
     if (!kv || !kvp || !mem || !ids || !step) {
         fprintf(stderr, "bench_rollout: out of memory\n");
         exit(1);
@@ -163,7 +172,9 @@ static void bench_decode(const model_config *c, mm_mode mm, int B, int P, int N,
         kv[b] = (model_kv){.ckv = mem + (fc + fk) * (size_t)b, .kpe = mem + (fc + fk) * (size_t)b + fc,
                            .cap = P + 2 * N + 1};
         kvp[b] = &kv[b];
-        step[b] = (int32_t)((b * 17 + 3) % c->vocab_size);
+        for (int s = 0; s < 2 * N + 1; s++) /* a different token every step, as decoding feeds */
+            step[(size_t)s * B + b] =
+                (int32_t)(((uint32_t)b * 2654435761u + (uint32_t)s * 40503u + 3u) % (uint32_t)c->vocab_size);
     }
     mr_err e = {0};
     double best = 1e30, end = now() + secs;
@@ -189,7 +200,7 @@ static void bench_decode(const model_config *c, mm_mode mm, int B, int P, int N,
     for (int r = 0; r < 2; r++) { /* best of 2 rounds of N steps (contexts P+1 .. P+2N) */
         double t0 = now();
         for (int s = 0; s < N; s++)
-            if (model_decode_step(&m, step, kvp, B, &e)) die(&e);
+            if (model_decode_step(&m, step + (size_t)(1 + r * N + s) * B, kvp, B, &e)) die(&e);
         if (now() - t0 < dbest) dbest = now() - t0;
     }
     *decode_tps = (double)B * N / dbest;
@@ -203,7 +214,8 @@ static void bench_decode(const model_config *c, mm_mode mm, int B, int P, int N,
 
 /* The same decode through the engine (rollout_generate, MM_DET: sampling at T = 1 with the full log-prob
  * bookkeeping): one prompt of P tokens, G = B samples; decode tok/s = B·N / (t(1 + N new) − t(1 new)), so the
- * shared prefill and the first token cancel out (each time the best of 2, after a warm-up call). */
+ * shared prefill and the first token cancel out. A difference of two times doubles the noise of a shared machine:
+ * each time is the best of at least 4 calls (alternating, after a warm-up call, more while under 2·secs). */
 static double bench_engine(const model_config *c, int B, int P, int N) {
     model m;
     build(&m, c, MM_DET, 0, B > P ? B : P);
@@ -216,8 +228,8 @@ static double bench_engine(const model_config *c, int B, int P, int N) {
     for (int j = 0; j < P; j++) prompt[j] = (int32_t)((j * 37 + 11) % c->vocab_size);
     const int32_t *pp = prompt;
     int64_t pid = 0;
-    double t[2] = {1e30, 1e30};
-    for (int k = 0; k < 5; k++) { /* a warm-up call, then each length twice (best) */
+    double t[2] = {1e30, 1e30}, end = now() + 2 * secs;
+    for (int k = 0; k < 9 || (now() < end && k < 41); k++) { /* a warm-up call, then alternating lengths */
         rollout_opts o = rollout_opts_default();
         o.max_new_tokens = k % 2 ? 1 : 1 + N;
         mr_err e = {0};
@@ -289,22 +301,24 @@ static int file_exists(const char *p) {
     return f != NULL;
 }
 
-/* $MOERL_SRC/bench, else ./bench, else the source tree this file was compiled from */
-static int find_script(char *out, size_t cap) {
+/* rel (a path inside the source tree) under $MOERL_SRC, else ., else the source tree this file was compiled from */
+static int find_src(const char *rel, char *out, size_t cap) {
     const char *src = getenv("MOERL_SRC");
     if (src && *src) {
-        snprintf(out, cap, "%s/bench/torch_decode.py", src);
+        snprintf(out, cap, "%s/%s", src, rel);
         if (file_exists(out)) return 1;
     }
-    snprintf(out, cap, "bench/torch_decode.py");
+    snprintf(out, cap, "%s", rel);
     if (file_exists(out)) return 1;
     const char *me = __FILE__, *cut = strstr(me, "bench/bench_rollout.c");
     if (cut) {
-        snprintf(out, cap, "%.*sbench/torch_decode.py", (int)(cut - me), me);
+        snprintf(out, cap, "%.*s%s", (int)(cut - me), me, rel);
         if (file_exists(out)) return 1;
     }
     return 0;
 }
+
+static int find_script(char *out, size_t cap) { return find_src("bench/torch_decode.py", out, cap); }
 
 static void run_torch_decode(torch_dec *r, const model_config *c, int threads, int P, int N) {
     memset(r, 0, sizeof *r);
@@ -380,7 +394,7 @@ static void bench_config(const char *name, const model_config *c, int threads, d
     const uint64_t d = (uint64_t)c->hidden_size, V = (uint64_t)c->vocab_size;
     /* per decoded token: the activated set minus the embedding table (one row of it is read) */
     const uint64_t active = pc.activated - V * d + d;
-    const double wbytes = 4.0 * (double)active, bound = bw_gbs * 1e9 / wbytes;
+    const double wbytes = 4.0 * (double)active;
     printf("\n== %s: d=%d, %d layers (%d dense), H=%d, E=%d top-%d + %d shared (width %d), r_kv=%d, d_rope=%d, V=%d\n",
            name, c->hidden_size, c->num_hidden_layers, c->first_k_dense_replace, c->num_attention_heads,
            c->n_routed_experts, c->num_experts_per_tok, c->n_shared_experts, c->moe_intermediate_size,
@@ -388,19 +402,34 @@ static void bench_config(const char *name, const model_config *c, int threads, d
     printf("   parameters (config_param_breakdown): total %.2fM (main model), activated per token %.2fM; read per\n"
            "   decoded token (activated - embedding table + its one row): %.2fM = %.1f MB in fp32\n",
            (double)pc.total * 1e-6, (double)pc.activated * 1e-6, (double)active * 1e-6, wbytes * 1e-6);
-    double dec[2][3], pre[2][3];
-    for (int mi = 0; mi < 2; mi++)
-        for (int i = 0; i < 3; i++) {
-            bench_decode(c, mi ? MM_FAST : MM_DET, Bs[i], P, N, &pre[mi][i], &dec[mi][i]);
-            printf("   moerl %s batch %3d: prefill %9.0f tok/s   decode %9.1f tok/s\n", mi ? "MM_FAST" : "MM_DET ",
-                   Bs[i], pre[mi][i], dec[mi][i]);
-            fflush(stdout);
-        }
-    double eng[3];
+    /* MM_DET and the engine first, side by side per batch size; MM_FAST last (OpenBLAS starts its own threads) */
+    double dec[2][3], pre[2][3], eng[3], bw_near = 0;
     for (int i = 0; i < 3; i++) {
+        if (i == 0) { /* the bandwidth of a shared machine drifts (36 to 67 GB/s seen between runs): measure it next
+                       * to the batch-1 figures too, and take the largest of the three for the bound */
+            double rd, tr;
+            measure_bandwidth(&rd, &tr);
+            bw_near = rd > tr ? rd : tr;
+        }
+        bench_decode(c, MM_DET, Bs[i], P, N, &pre[0][i], &dec[0][i]);
+        printf("   moerl MM_DET  batch %3d: prefill %9.0f tok/s   decode %9.1f tok/s\n", Bs[i], pre[0][i], dec[0][i]);
+        fflush(stdout);
         eng[i] = bench_engine(c, Bs[i], P, N);
-        printf("   moerl rollout_generate (MM_DET, T=1 sampling, 1 prompt x %3d samples): decode %9.1f tok/s\n", Bs[i],
-               eng[i]);
+        printf("   moerl rollout_generate (MM_DET, T=1 sampling + log-probs, 1 prompt x %3d samples): decode %9.1f "
+               "tok/s = %.0f%% of the decode step\n", Bs[i], eng[i], 100 * eng[i] / dec[0][i]);
+        fflush(stdout);
+        if (i == 0) {
+            double rd, tr;
+            measure_bandwidth(&rd, &tr);
+            printf("   bandwidth next to the batch-1 figures: %.1f GB/s before, %.1f GB/s after (run start: %.1f GB/s)\n",
+                   bw_near, rd > tr ? rd : tr, bw_gbs);
+            if (rd > bw_near) bw_near = rd;
+            if (tr > bw_near) bw_near = tr;
+        }
+    }
+    for (int i = 0; i < 3; i++) {
+        bench_decode(c, MM_FAST, Bs[i], P, N, &pre[1][i], &dec[1][i]);
+        printf("   moerl MM_FAST batch %3d: prefill %9.0f tok/s   decode %9.1f tok/s\n", Bs[i], pre[1][i], dec[1][i]);
         fflush(stdout);
     }
     torch_dec td;
@@ -411,9 +440,11 @@ static void bench_config(const char *name, const model_config *c, int threads, d
                td.decode[i]);
     if (td.ok) printf("   (PyTorch %s, %d threads, KV cache: %s)\n", td.version, threads, td.cache);
     else printf("   PyTorch: skipped: %s\n", td.why);
-    printf("   bandwidth bound, batch 1: %.1f GB/s / %.1f MB per token = %.1f tok/s\n", bw_gbs, wbytes * 1e-6, bound);
-    printf("   batch-1 decode / bound: MM_DET %.1f%%, MM_FAST %.1f%%, rollout_generate %.1f%%   (target >= 60%%)\n",
-           100 * dec[0][0] / bound, 100 * dec[1][0] / bound, 100 * eng[0] / bound);
+    const double bw = bw_near > bw_gbs ? bw_near : bw_gbs, bound = bw * 1e9 / wbytes;
+    printf("   bandwidth bound, batch 1: %.1f GB/s / %.1f MB per token = %.1f tok/s (decode step: %.1f GB/s of weights)\n",
+           bw, wbytes * 1e-6, bound, dec[0][0] * wbytes * 1e-9);
+    printf("   batch-1 decode / bound: MM_DET decode step %.1f%%, end to end through rollout_generate %.1f%%, MM_FAST "
+           "%.1f%%   (target >= 60%%)\n", 100 * dec[0][0] / bound, 100 * eng[0] / bound, 100 * dec[1][0] / bound);
     if (td.ok)
         printf("   batch-16 decode moerl / PyTorch: MM_DET x%.2f, MM_FAST x%.2f   (target >= x5); batch 1 x%.2f, "
                "batch 128 x%.2f (MM_DET); rollout_generate batch 16 x%.2f\n", dec[0][1] / td.decode[1],
@@ -473,6 +504,187 @@ static void bench_spec(const model_config *c0) {
         }
 }
 
+
+/* ---- MTP speculative decoding on a trained checkpoint ----
+ * The recipe's held-out prompts (rl_data_setup, as `moerl eval` takes them) through rollout_generate with the
+ * checkpoint's model and tokenizer, MM_DET, the recipe's max_new_tokens, stop strings and EOS; plain against
+ * speculative, greedy and at T = 1, batch 1 (one prompt per call) and batch 16 (16 prompts per call). Figures: end to
+ * end tokens/s (prefill included) and decode tokens/s (tokens after each sequence's first one, over the time after
+ * the last first token: the prefills left out), each the best of 3 passes over the prompts; the acceptance rate;
+ * the decode steps; whether greedy tokens are identical. */
+typedef struct spec_clock {
+    int n_first, n_seq; /* first tokens seen in this call, sequences */
+    double t_pre;       /* when the last first token came */
+    int *seen;          /* (n_seq) */
+} spec_clock;
+
+static void spec_on_token(void *ctx, int seq, int32_t t) {
+    spec_clock *k = ctx;
+    (void)t;
+    if (k->seen[seq]++ == 0 && ++k->n_first == k->n_seq) k->t_pre = now();
+}
+
+typedef struct spec_run {
+    double e2e, dec;       /* tokens/s: end to end, decode only */
+    int64_t tokens, steps, drafted, accepted;
+    int32_t **toks;        /* (n) generated tokens per prompt */
+    int *ntok;
+} spec_run;
+
+static void spec_pass(model *m, const rl_data *D, int n, int B, const rollout_opts *o0, spec_run *R) {
+    rollout_seq *out = mem_calloc((size_t)B, sizeof *out);
+    const int32_t **pr = malloc(sizeof *pr * (size_t)B);
+    int *pl = malloc(sizeof *pl * (size_t)B), *seen = malloc(sizeof *seen * (size_t)B);
+    int64_t *pid = malloc(sizeof *pid * (size_t)B);
+    if (!out || !pr || !pl || !seen || !pid) {
+        fprintf(stderr, "bench_rollout: out of memory\n");
+        exit(1);
+    }
+    R->e2e = R->dec = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        double tall = 0, tdec = 0;
+        int64_t tokens = 0, dtokens = 0, steps = 0, drafted = 0, accepted = 0;
+        for (int p0 = 0; p0 < n; p0 += B) {
+            const int np = n - p0 < B ? n - p0 : B;
+            for (int i = 0; i < np; i++) {
+                pr[i] = D->eval[p0 + i].ids;
+                pl[i] = D->eval[p0 + i].n;
+                pid[i] = p0 + i;
+                seen[i] = 0;
+            }
+            spec_clock clk = {0, np, 0, seen};
+            rollout_stats st;
+            rollout_opts o = *o0;
+            o.stats = &st;
+            o.on_token = spec_on_token;
+            o.on_token_ctx = &clk;
+            mr_err e = {0};
+            double t0 = now();
+            if (rollout_generate(m, D->tok, pr, pl, pid, np, 1, &o, out, &e)) die(&e);
+            double t1 = now();
+            tall += t1 - t0;
+            tdec += t1 - clk.t_pre;
+            tokens += st.tokens;
+            dtokens += st.tokens - np;
+            steps += st.decode_steps;
+            drafted += st.drafted;
+            accepted += st.accepted;
+            for (int i = 0; i < np; i++) {
+                if (rep == 0) {
+                    R->ntok[p0 + i] = out[i].n;
+                    R->toks[p0 + i] = malloc(sizeof(int32_t) * (size_t)(out[i].n + 1));
+                    if (!R->toks[p0 + i]) die(&e);
+                    memcpy(R->toks[p0 + i], out[i].tokens, sizeof(int32_t) * (size_t)out[i].n);
+                }
+                rollout_seq_free(&out[i]);
+            }
+        }
+        if (tokens / tall > R->e2e) R->e2e = (double)tokens / tall;
+        if (dtokens / tdec > R->dec) R->dec = (double)dtokens / tdec;
+        R->tokens = tokens;
+        R->steps = steps;
+        R->drafted = drafted;
+        R->accepted = accepted;
+    }
+    mem_free(out);
+    free(pr), free(pl), free(seen), free(pid);
+}
+
+static void bench_spec_ckpt(const char *dir, const char *recipe_path, int n_want) {
+    recipe *r = NULL;
+    mr_err e = {0};
+    rl_data D;
+    model_params prm;
+    model m;
+    memset(&D, 0, sizeof D);
+    memset(&prm, 0, sizeof prm);
+    if (recipe_load(&r, recipe_path, &e) || recipe_resolve(r, &e)) die(&e);
+    if (rl_data_setup(&D, r, dir, 0, &e)) die(&e);
+    if (params_load(&prm, dir, &e)) die(&e);
+    const int n = (int)D.n_eval < n_want ? (int)D.n_eval : n_want;
+    if (n < 1) {
+        fprintf(stderr, "bench_rollout: %s has no held-out prompts (data.eval_n)\n", recipe_path);
+        exit(1);
+    }
+    int T_max = 64; /* 2 rows per sample of a batch of 16; a packed prefill of several prompts */
+    for (int i = 0; i < n; i++)
+        if (D.eval[i].n > T_max) T_max = D.eval[i].n;
+    model_opts mo = {.mm = MM_DET};
+    if (model_init(&m, &prm, &mo, T_max, &e)) die(&e);
+    const model_config *c = &m.p.cfg;
+    const int n_stop = (int)recipe_list_len(r, "rollout.stop");
+    const char **stop = calloc((size_t)n_stop + 1, sizeof *stop);
+    for (int i = 0; i < n_stop; i++) {
+        char sp[64];
+        snprintf(sp, sizeof sp, "rollout.stop[%d]", i);
+        stop[i] = recipe_str(r, sp);
+    }
+    rollout_opts o = rollout_opts_default();
+    o.max_new_tokens = (int)recipe_int(r, "rollout.max_new_tokens");
+    o.stop = n_stop ? stop : NULL;
+    o.n_stop = n_stop;
+    o.eos = tok_eos_id(D.tok);
+    if (o.eos >= c->vocab_size) o.eos = -1;
+    o.seed = 11;
+    printf("MTP speculative decoding on %s (d=%d, %d layers, V=%d, MTP depth %d), %d held-out prompts of %s,\n"
+           "max_new_tokens %d, %d threads, MM_DET; best of 3 passes; decode tok/s leaves out the prefills (tokens after\n"
+           "each sequence's first, over the time after the last first token)\n",
+           dir, c->hidden_size, c->num_hidden_layers, c->vocab_size, c->num_nextn_predict_layers, n, recipe_path,
+           o.max_new_tokens, omp_get_max_threads());
+    static const int Bs[] = {1, 16};
+    spec_run R[2][2][2]; /* temperature, batch, plain/speculative */
+    for (int ti = 0; ti < 2; ti++)
+        for (int bi = 0; bi < 2; bi++)
+            for (int sp = 0; sp < 2; sp++) {
+                spec_run *x = &R[ti][bi][sp];
+                x->toks = calloc((size_t)n, sizeof *x->toks);
+                x->ntok = calloc((size_t)n, sizeof *x->ntok);
+                rollout_opts oo = o;
+                oo.temperature = ti ? 1.0f : 0.0f;
+                oo.mtp_speculative = sp;
+                spec_pass(&m, &D, n, Bs[bi], &oo, x);
+            }
+    for (int ti = 0; ti < 2; ti++)
+        for (int bi = 0; bi < 2; bi++) {
+            const spec_run *a = &R[ti][bi][0], *b = &R[ti][bi][1];
+            printf("  %s batch %2d: plain %7.0f tok/s (decode %7.0f), speculative %7.0f tok/s (decode %7.0f): x%.2f "
+                   "(decode x%.2f); acceptance %.1f%% (%lld/%lld); decode steps %lld -> %lld for %lld -> %lld tokens\n",
+                   ti ? "T=1   " : "greedy", Bs[bi], a->e2e, a->dec, b->e2e, b->dec, b->e2e / a->e2e, b->dec / a->dec,
+                   b->drafted ? 100.0 * (double)b->accepted / (double)b->drafted : 0.0, (long long)b->accepted,
+                   (long long)b->drafted, (long long)a->steps, (long long)b->steps, (long long)a->tokens,
+                   (long long)b->tokens);
+        }
+    /* greedy: speculative == plain, and batch 16 == batch 1 */
+    int same = 0, same_b = 0;
+    int64_t ntok = 0;
+    for (int i = 0; i < n; i++) {
+        const spec_run *p1 = &R[0][0][0];
+        ntok += p1->ntok[i];
+        int ok = 1, okb = 1;
+        for (int bi = 0; bi < 2; bi++) {
+            const spec_run *x = &R[0][bi][1], *y = &R[0][bi][0];
+            ok &= x->ntok[i] == y->ntok[i] && !memcmp(x->toks[i], y->toks[i], sizeof(int32_t) * (size_t)y->ntok[i]);
+        }
+        okb = R[0][1][0].ntok[i] == p1->ntok[i] &&
+              !memcmp(R[0][1][0].toks[i], p1->toks[i], sizeof(int32_t) * (size_t)p1->ntok[i]);
+        same += ok;
+        same_b += okb;
+    }
+    printf("  greedy outputs identical, speculative vs plain (batch 1 and 16): %s (%d of %d prompts, %lld tokens); "
+           "batch 16 vs batch 1: %d of %d\n", same == n ? "yes" : "NO", same, n, (long long)ntok, same_b, n);
+    for (int ti = 0; ti < 2; ti++)
+        for (int bi = 0; bi < 2; bi++)
+            for (int sp = 0; sp < 2; sp++) {
+                for (int i = 0; i < n; i++) free(R[ti][bi][sp].toks[i]);
+                free(R[ti][bi][sp].toks);
+                free(R[ti][bi][sp].ntok);
+            }
+    free(stop);
+    model_free(&m);
+    rl_data_free(&D);
+    recipe_free(r);
+}
+
 int main(int argc, char **argv) {
     int threads = argc > 1 ? atoi(argv[1]) : 2;
     if (argc > 2) secs = atof(argv[2]);
@@ -505,13 +717,16 @@ int main(int argc, char **argv) {
         measure_bandwidth(&rd, &tr);
         double bw = rd > tr ? rd : tr;
         printf("\nDecode figures. Method: moerl = model_prefill (B prompts of 32 tokens, packed %d per call, each into its\n"
-               "own latent KV cache), then model_decode_step over the B sequences (fixed ids, no sampling): 1 warm-up\n"
-               "step, best of 2 rounds of 16 steps; random weights (std 0.02), fp32, %d threads; tok/s = tokens / wall\n"
-               "seconds (prefill: best of repeats within %.2g s). PyTorch = bench/torch_decode.py, same config, sizes\n"
-               "and threads, /usr/bin/python3, same warm-up and rounds.\n"
+               "own latent KV cache), then model_decode_step over the B sequences (other ids every step, no sampling):\n"
+               "1 warm-up step, best of 2 rounds of 16 steps; random weights (std 0.02), fp32, %d threads; tok/s =\n"
+               "tokens / wall seconds (prefill: best of repeats within %.2g s). rollout_generate = the engine end to end\n"
+               "(T = 1 sampling over the whole vocabulary, log-probs, outputs), decode tok/s = B x 16 / (t(17 new) - t(1\n"
+               "new)). PyTorch = bench/torch_decode.py, same config, sizes, ids and threads, /usr/bin/python3, same\n"
+               "warm-up and rounds.\n"
                "Bandwidth (same run, %d threads, best of 5): read-only sum over 256 MiB %.1f GB/s, STREAM triad over\n"
-               "3 x 128 MiB %.1f GB/s; the bound uses the larger, %.1f GB/s: bound = bandwidth / fp32 bytes of the\n"
-               "weights one decoded token reads (the KV cache read, < 0.5%% at these contexts, is left out).\n",
+               "3 x 128 MiB %.1f GB/s; the larger, %.1f GB/s, and per preset the same measured again just before and\n"
+               "after its batch-1 figures: the bound uses the largest of the three. bound = bandwidth / fp32 bytes of\n"
+               "the weights one decoded token reads (the KV cache read, < 0.5%% at these contexts, is left out).\n",
                PREFILL_CHUNK, threads, secs, threads, rd, tr, bw);
         int torch = strcmp(only, "decode-notorch") != 0;
         bench_config("tiny (quickstart) preset", &c, threads, bw, torch);
@@ -523,6 +738,30 @@ int main(int argc, char **argv) {
                      32, argc > 7 ? atoi(argv[7]) : 16, &ptps, &dtps);
         printf("%s %s batch %s: prefill %.0f tok/s, decode %.1f tok/s\n", argv[4], argv[5], argv[6], ptps, dtps);
     }
+    if (!strcmp(only, "engine") && argc > 5) { /* engine tiny|100m B [N new]: decode step and engine, twice each */
+        const int N = argc > 6 ? atoi(argv[6]) : 16, B = atoi(argv[5]);
+        const model_config *cc = strcmp(argv[4], "100m") ? &c : &c100;
+        for (int r = 0; r < 2; r++) {
+            double ptps, dtps;
+            bench_decode(cc, MM_DET, B, 32, N, &ptps, &dtps);
+            double etps = bench_engine(cc, B, 32, N);
+            printf("%s batch %d: decode step %.1f tok/s, rollout_generate %.1f tok/s (%.0f%%)\n", argv[4], B, dtps,
+                   etps, 100 * etps / dtps);
+        }
+    }
     if (!*only || !strcmp(only, "spec")) bench_spec(&c);
+    if (!strcmp(only, "spec-ckpt")) { /* spec-ckpt DIR [RECIPE (default recipes/sft-arith.yaml)] [N prompts (32)] */
+        char rp[4096];
+        if (argc < 5) {
+            fprintf(stderr, "bench_rollout: spec-ckpt needs a checkpoint directory (moerl sft's step-N)\n");
+            return 2;
+        }
+        if (argc > 5) snprintf(rp, sizeof rp, "%s", argv[5]);
+        else if (!find_src("recipes/sft-arith.yaml", rp, sizeof rp)) {
+            fprintf(stderr, "bench_rollout: recipes/sft-arith.yaml not found (pass the recipe or set MOERL_SRC)\n");
+            return 2;
+        }
+        bench_spec_ckpt(argv[4], rp, argc > 6 ? atoi(argv[6]) : 32);
+    }
     return 0;
 }

@@ -11,7 +11,8 @@ MoE as a Python loop over experts with index_select + matmul + index_add_), in i
     chunk; logits over every position (as moerl's model_prefill computes them).
   - decode: one warm-up step, then the best of 2 rounds of N steps of the B sequences, one token each per step,
     attention over the cached positions (as bench_rollout does for moerl).
-The tokens fed are fixed ids (no sampling): the figures are the model's throughput.
+The tokens fed are set ids (no sampling), other ones every step as in bench_rollout (the MoE routes them to other
+experts): the figures are the model's throughput.
 
 Usage: /usr/bin/python3 bench/torch_decode.py --config CONFIG.json --threads N [--batches 1,16,128] [--prompt 32]
                                              [--new 16] [--chunk 16] [--seed 0]
@@ -252,13 +253,15 @@ def run(cfg, args):
         prefill_tps = B * P / best
         # the B sequences' caches as one batch (not timed: a static cache would be allocated at B from the start)
         caches = [(torch.cat([ch[l][0] for ch in chunks]), torch.cat([ch[l][1] for ch in chunks])) for l in range(L)]
-        step = torch.tensor([(bi * 17 + 3) % V for bi in range(B)]).view(B, 1)
-        forward(step, caches, P)  # warm-up step, not timed
+        # step s feeds (b * 2654435761 + s * 40503 + 3) mod 2^32 mod V, as bench_rollout
+        steps = [torch.tensor([((bi * 2654435761 + s * 40503 + 3) % 2**32) % V for bi in range(B)]).view(B, 1)
+                 for s in range(2 * N + 1)]
+        forward(steps[0], caches, P)  # warm-up step, not timed
         dbest = float("inf")
         for r in range(2):  # best of 2 rounds of N steps, as bench_rollout
             t0 = time.perf_counter()
             for i in range(N):
-                forward(step, caches, P + 1 + r * N + i)
+                forward(steps[1 + r * N + i], caches, P + 1 + r * N + i)
             dbest = min(dbest, time.perf_counter() - t0)
         decode_tps = B * N / dbest
         results.append({"batch": B, "prefill_tps": prefill_tps, "decode_tps": decode_tps})

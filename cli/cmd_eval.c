@@ -35,6 +35,7 @@ typedef struct pass {
     reward_outcome *oc;  /* (n·G) */
     int64_t tokens;
     double seconds;
+    rollout_stats st;    /* decode steps, MTP drafts and acceptances */
 } pass;
 
 static void pass_free(pass *p) {
@@ -70,8 +71,10 @@ static int run_pass(pass *P, model *m, rl_data *D, reward_set *rw, int n, int G,
         pl[i] = D->eval[i].n;
         pid[i] = i;
     }
+    rollout_opts oo = *o;
+    oo.stats = &P->st;
     double t0 = progress_now();
-    if ((rc = rollout_generate(m, D->tok, pr, pl, pid, n, G, o, P->seq, e))) goto done;
+    if ((rc = rollout_generate(m, D->tok, pr, pl, pid, n, G, &oo, P->seq, e))) goto done;
     for (size_t i = 0; i < N; i++) {
         size_t len;
         if ((rc = tok_decode(D->tok, P->seq[i].tokens, (size_t)P->seq[i].n, 1, &P->text[i], &len, e))) goto done;
@@ -143,7 +146,8 @@ static void usage(void) {
            "                    extraction, else the text after the last \"####\"), checked against the row's answer\n"
            "and per plugin the mean reward and the unscorable / error / timeout counts. A completion is correct\n"
            "when every plugin scored it and its total reward is >= X. Metrics eval/* go to run.store as a run of\n"
-           "kind eval.\n"
+           "kind eval. With --set rollout.mtp_speculative=true (MTP speculative decoding) it also prints the share\n"
+           "of drafts accepted, greedy and sampled (eval/mtp_acceptance_greedy, eval/mtp_acceptance).\n"
            "  --model DIR    checkpoint (default: grpo.init_from, else model.checkpoint)\n"
            "  -k K           samples per prompt (default 8)\n"
            "  --limit N      only the first N held-out prompts (default all)\n"
@@ -251,9 +255,11 @@ int cmd_eval(int argc, char **argv) {
         snprintf(sp, sizeof sp, "rollout.stop[%d]", i);
         stop[i] = recipe_str(r, sp);
     }
-    /* T_max: the longest prompt (prefill) and the decode batch (at most 256 rows at once) */
-    int T_max = n * K < 256 ? n * K : 256;
-    if (T_max < K) T_max = K;
+    /* T_max: the longest prompt (prefill) and the decode batch (at most 256 rows at once; 2 rows per sample when
+     * MTP speculative decoding verifies a draft) */
+    const int rows_per = recipe_bool(r, "rollout.mtp_speculative") ? 2 : 1;
+    int T_max = n * K * rows_per < 256 ? n * K * rows_per : 256;
+    if (T_max < K * rows_per) T_max = K * rows_per;
     for (int i = 0; i < n; i++)
         if (D.eval[i].n > T_max) T_max = D.eval[i].n;
     model_opts mo = {.mm = recipe_bool(r, "run.deterministic") ? MM_DET : MM_FAST};
@@ -352,6 +358,11 @@ int cmd_eval(int argc, char **argv) {
     PUT((double)n, "eval/n_prompts");
     PUT((double)K, "eval/k");
     PUT(sampled.seconds > 0 ? (double)sampled.tokens / sampled.seconds : 0, "eval/tok_s");
+    if (o.mtp_speculative) {
+        PUT(greedy.st.drafted ? (double)greedy.st.accepted / (double)greedy.st.drafted : NAN,
+            "eval/mtp_acceptance_greedy");
+        PUT(sampled.st.drafted ? (double)sampled.st.accepted / (double)sampled.st.drafted : NAN, "eval/mtp_acceptance");
+    }
 #undef PUT
 
     printf("eval: %d prompts, k = %d (temperature %g, top_p %g, top_k %d, min_p %g, max_new_tokens %d), threshold %g\n",
@@ -366,8 +377,17 @@ int cmd_eval(int argc, char **argv) {
         printf("%-16s %10.4f %10lld %10lld %10lld %10lld\n", reward_set_plugin(rw, i)->name, st.scored ? st.mean : NAN,
                (long long)st.scored, (long long)st.unscorable, (long long)st.errors, (long long)st.timeouts);
     }
-    printf("greedy %lld tokens in %.1fs, sampled %lld tokens in %.1fs\n", (long long)greedy.tokens, greedy.seconds,
-           (long long)sampled.tokens, sampled.seconds);
+    printf("greedy %lld tokens in %.2fs (%.0f tokens/s, %lld decode steps), sampled %lld tokens in %.2fs (%.0f "
+           "tokens/s, %lld decode steps)\n", (long long)greedy.tokens, greedy.seconds,
+           greedy.seconds > 0 ? (double)greedy.tokens / greedy.seconds : 0.0, (long long)greedy.st.decode_steps,
+           (long long)sampled.tokens, sampled.seconds, sampled.seconds > 0 ? (double)sampled.tokens / sampled.seconds : 0.0,
+           (long long)sampled.st.decode_steps);
+    if (o.mtp_speculative)
+        printf("MTP speculative decoding: drafts accepted greedy %lld of %lld (%.1f%%), sampled %lld of %lld (%.1f%%)\n",
+               (long long)greedy.st.accepted, (long long)greedy.st.drafted,
+               greedy.st.drafted ? 100.0 * (double)greedy.st.accepted / (double)greedy.st.drafted : 0.0,
+               (long long)sampled.st.accepted, (long long)sampled.st.drafted,
+               sampled.st.drafted ? 100.0 * (double)sampled.st.accepted / (double)sampled.st.drafted : 0.0);
 
     if (runstore_open(&rs, recipe_str(r, "run.store"), &e)) goto fail;
     if (runstore_begin_run(rs, "eval", recipe_str(r, "run.name"), yaml, recipe_int(r, "run.seed"), &run_id, &e))

@@ -8,6 +8,7 @@
 
 #include "cli/cli.h"
 #include "core/mem.h"
+#include "core/progress.h"
 #include "model/model.h"
 #include "model/params.h"
 #include "rollout/rollout.h"
@@ -66,7 +67,8 @@ static const char *finish_name(rollout_finish f) {
 int cmd_generate(int argc, char **argv) {
     if (cli_wants_help(argc, argv)) {
         printf("usage: moerl generate --model DIR --prompt TEXT [-n N] [--temperature T] [--top-p P] [--top-k K]\n"
-               "                      [--min-p M] [--max-new-tokens N] [--seed S] [--stop STR]... [--mm det|fast]\n\n"
+               "                      [--min-p M] [--max-new-tokens N] [--seed S] [--stop STR]... [--mm det|fast]\n"
+               "                      [--mtp-speculative] [--stats]\n\n"
                "Samples completions of TEXT with the model in DIR (config.json, model.safetensors, tokenizer.json, as\n"
                "written by `moerl sft` or `moerl init-model` + a tokenizer) on the latent KV cache. With -n 1 (the\n"
                "default) the text streams to stdout as it is generated; with -n N > 1 each sample is printed when done,\n"
@@ -80,12 +82,16 @@ int cmd_generate(int argc, char **argv) {
                "  --max-new-tokens N default 128\n"
                "  --seed S           sampling seed (default 0)\n"
                "  --stop STR         end a sample when STR appears (repeatable, up to %d)\n"
-               "  --mm det|fast      batch-invariant GEMMs (default) or OpenBLAS\n",
+               "  --mm det|fast      batch-invariant GEMMs (default) or OpenBLAS\n"
+               "  --mtp-speculative  draft one token with the model's MTP module and verify it in the next decode step\n"
+               "                     (same tokens when greedy, same distribution when sampling); implies --stats\n"
+               "  --stats            after the text, one line on stderr: tokens, seconds, tokens/s, decode steps and,\n"
+               "                     with --mtp-speculative, the drafts accepted\n",
                MAX_STOP);
         return 0;
     }
     const char *dir = NULL, *prompt = NULL, *v, *stops[MAX_STOP];
-    int n = 1, n_stop = 0;
+    int n = 1, n_stop = 0, stats = 0;
     unsigned long long seed = 0;
     rollout_opts o = rollout_opts_default();
     o.max_new_tokens = 128;
@@ -109,6 +115,11 @@ int cmd_generate(int argc, char **argv) {
         } else if ((v = opt_value(argc, argv, &i, "--stop"))) {
             if (n_stop == MAX_STOP || !*v) bad = 1;
             else stops[n_stop++] = v;
+        } else if (!strcmp(argv[i], "--mtp-speculative")) {
+            o.mtp_speculative = 1;
+            stats = 1;
+        } else if (!strcmp(argv[i], "--stats")) {
+            stats = 1;
         } else if ((v = opt_value(argc, argv, &i, "--mm"))) {
             if (!strcmp(v, "det")) mm = MM_DET;
             else if (!strcmp(v, "fast")) mm = MM_FAST;
@@ -148,7 +159,9 @@ int cmd_generate(int argc, char **argv) {
     }
     o.eos = prm.cfg.n_eos_token_id > 0 ? prm.cfg.eos_token_id[0] : tok_eos_id(tok);
     if (o.eos >= prm.cfg.vocab_size) o.eos = -1;
-    int T_max = (int)ids.n > n ? (int)ids.n : n;
+    /* the prefill holds the prompt; a decode step n rows (2 per sample when verifying a draft) */
+    const int rows = o.mtp_speculative ? 2 * n : n;
+    int T_max = (int)ids.n > rows ? (int)ids.n : rows;
     model_opts mo = {.mm = mm};
     if (model_init(&m, &prm, &mo, T_max, &e)) goto fail;
     stream_ctx sc = {tok, o.eos};
@@ -164,7 +177,11 @@ int cmd_generate(int argc, char **argv) {
     const int32_t *pp = ids.v;
     int plen = (int)ids.n;
     int64_t pid = 0;
+    rollout_stats st;
+    o.stats = &st;
+    const double t0 = progress_now();
     if (rollout_generate(&m, tok, &pp, &plen, &pid, 1, n, &o, out, &e)) goto fail;
+    const double secs = progress_now() - t0;
     if (n == 1) {
         printf("\n");
     } else {
@@ -181,6 +198,14 @@ int cmd_generate(int argc, char **argv) {
         }
     }
     fflush(stdout);
+    if (stats) {
+        fprintf(stderr, "generate: %lld tokens in %.3f s (%.1f tokens/s, prefill included), %lld decode steps",
+                (long long)st.tokens, secs, secs > 0 ? (double)st.tokens / secs : 0.0, (long long)st.decode_steps);
+        if (o.mtp_speculative)
+            fprintf(stderr, "; MTP drafts accepted %lld of %lld (%.1f%%)", (long long)st.accepted,
+                    (long long)st.drafted, st.drafted ? 100.0 * (double)st.accepted / (double)st.drafted : 0.0);
+        fprintf(stderr, "\n");
+    }
     status = 0;
     goto done;
 fail:

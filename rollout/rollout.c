@@ -35,10 +35,63 @@ void rollout_seq_free(rollout_seq *s) {
 
 /* ------------------------------------------------------------------------------------------ sampler */
 
-static int cand_cmp(const void *pa, const void *pb) {
-    const rollout_cand *a = pa, *b = pb;
-    if (a->e != b->e) return a->e > b->e ? -1 : 1;
-    return (a->id > b->id) - (a->id < b->id);
+/* A row's elementwise loops fork when the row is long enough to pay for it (V = 32k: the exps halve on 2 threads)
+ * and the caller is not already parallel (the batch loop runs rows on threads; nested, these run on one). Every
+ * element is computed by the same expression on any thread, and the max is exact: the values never depend on
+ * the thread count. */
+enum { SAMPLER_PAR_V = 8192 };
+
+/* Σ p[0..V) in a fixed order (8 lanes, then a fixed tree; the same on every call and thread count), and the
+ * count of p > 0. Eight independent chains instead of one: the sum is no longer bound by the add latency. */
+static double sum_kept(const double *p, int V, int *kept) {
+    double acc[8] = {0};
+    int cnt[8] = {0}, v = 0;
+    for (; v + 8 <= V; v += 8)
+        for (int l = 0; l < 8; l++) {
+            acc[l] += p[v + l];
+            cnt[l] += p[v + l] > 0;
+        }
+    for (int l = 0; v + l < V; l++) {
+        acc[l] += p[v + l];
+        cnt[l] += p[v + l] > 0;
+    }
+    if (kept) *kept = cnt[0] + cnt[1] + cnt[2] + cnt[3] + cnt[4] + cnt[5] + cnt[6] + cnt[7];
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+/* Sorts a[0..n) by e descending, ids ascending on ties, given a in ids ascending: a stable LSD radix sort on the
+ * complemented bits of e (for e >= 0 the IEEE bits order as the values), 8 bits a pass, passes where every key
+ * shares the digit skipped. tmp: n entries. O(n) where qsort took 4.5 ms on 32k near-equal candidates. */
+static void cand_sort(rollout_cand *a, rollout_cand *tmp, int n) {
+    uint32_t cnt[8][256];
+    memset(cnt, 0, sizeof cnt);
+    for (int i = 0; i < n; i++) {
+        uint64_t k;
+        memcpy(&k, &a[i].e, sizeof k);
+        k = ~k;
+        for (int d = 0; d < 8; d++) cnt[d][(k >> (8 * d)) & 255]++;
+    }
+    rollout_cand *src = a, *dst = tmp;
+    for (int d = 0; d < 8; d++) {
+        uint32_t *c = cnt[d], sum = 0;
+        int trivial = 0;
+        for (int b = 0; b < 256 && !trivial; b++) trivial = c[b] == (uint32_t)n;
+        if (trivial) continue;
+        for (int b = 0; b < 256; b++) {
+            uint32_t x = c[b];
+            c[b] = sum;
+            sum += x;
+        }
+        for (int i = 0; i < n; i++) {
+            uint64_t k;
+            memcpy(&k, &src[i].e, sizeof k);
+            dst[c[(~k >> (8 * d)) & 255]++] = src[i];
+        }
+        rollout_cand *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != a) memcpy(a, src, sizeof *a * (size_t)n);
 }
 
 int rollout_sampler_probs(double *probs, const float *logits, int V, const rollout_opts *o, rollout_cand *work) {
@@ -52,20 +105,35 @@ int rollout_sampler_probs(double *probs, const float *logits, int V, const rollo
     }
     const double T = o->temperature;
     double xmax = -INFINITY;
-    for (int v = 0; v < V; v++) {
-        double x = (double)logits[v] / T;
-        probs[v] = x;
-        if (x > xmax) xmax = x;
+    if (T == 1.0) { /* x / 1 is x: the same values without V divisions */
+        #pragma omp parallel for schedule(static) reduction(max : xmax) if (V >= SAMPLER_PAR_V)
+        for (int v = 0; v < V; v++) {
+            double x = (double)logits[v];
+            probs[v] = x;
+            if (x > xmax) xmax = x;
+        }
+    } else {
+        #pragma omp parallel for schedule(static) reduction(max : xmax) if (V >= SAMPLER_PAR_V)
+        for (int v = 0; v < V; v++) {
+            double x = (double)logits[v] / T;
+            probs[v] = x;
+            if (x > xmax) xmax = x;
+        }
     }
-    for (int v = 0; v < V; v++) probs[v] = exp(probs[v] - xmax);
-    int topk = o->top_k > 0 && o->top_k < V;
-    if (topk || o->top_p < 1.0f) {
+    /* min-p (keep e_v >= min_p) is applied here when nothing truncates, else as the kept set is written back */
+    const double mn = o->min_p;
+    const int topk = o->top_k > 0 && o->top_k < V, trunc = topk || o->top_p < 1.0f;
+    #pragma omp parallel for schedule(static) if (V >= SAMPLER_PAR_V)
+    for (int v = 0; v < V; v++) {
+        double ev = exp(probs[v] - xmax);
+        probs[v] = trunc || mn <= 0 || ev >= mn ? ev : 0;
+    }
+    if (trunc) {
         /* Only an upper set {e >= cut} is sorted: one that surely holds every id top-k / top-p can keep (at least
          * k ids; or, for top-p alone, more than top_p of the mass, with slack for rounding). Same result as
          * sorting all V ids, at a fraction of the cost for a large vocabulary. */
         static const double cuts[] = {1e-3, 1e-6, 1e-12, 0};
-        double zall = 0;
-        for (int v = 0; v < V; v++) zall += probs[v];
+        double zall = sum_kept(probs, V, NULL);
         int n = 0;
         for (size_t ci = 0; ci < sizeof cuts / sizeof cuts[0]; ci++) {
             double s = 0;
@@ -77,7 +145,7 @@ int rollout_sampler_probs(double *probs, const float *logits, int V, const rollo
                 }
             if (topk ? n >= o->top_k : s >= (double)o->top_p * zall * (1 + 1e-9) + 1e-300) break;
         }
-        qsort(work, (size_t)n, sizeof *work, cand_cmp);
+        cand_sort(work, work + V, n);
         int keep = topk && o->top_k < n ? o->top_k : n;
         if (o->top_p < 1.0f) {
             double z = 0, cum = 0, lim;
@@ -95,17 +163,11 @@ int rollout_sampler_probs(double *probs, const float *logits, int V, const rollo
             }
         }
         memset(probs, 0, sizeof(double) * (size_t)V);
-        for (int i = 0; i < keep; i++) probs[work[i].id] = work[i].e;
+        for (int i = 0; i < keep; i++) probs[work[i].id] = mn <= 0 || work[i].e >= mn ? work[i].e : 0;
     }
-    if (o->min_p > 0)
-        for (int v = 0; v < V; v++)
-            if (probs[v] < (double)o->min_p) probs[v] = 0;
-    double z = 0;
-    int kept = 0;
-    for (int v = 0; v < V; v++) {
-        z += probs[v];
-        kept += probs[v] > 0;
-    }
+    int kept;
+    const double z = sum_kept(probs, V, &kept);
+    #pragma omp parallel for schedule(static) if (V >= SAMPLER_PAR_V)
     for (int v = 0; v < V; v++) probs[v] /= z;
     return kept;
 }
@@ -168,7 +230,7 @@ typedef struct engine {
     int32_t *row_tok;      /* (2·T_max) */
     float *row_lps, *row_lp;
     double *probs;         /* (threads, 2V) */
-    rollout_cand *cand;    /* (threads, V) */
+    rollout_cand *cand;    /* (threads, 2V) */
     int nthr;
     /* MTP speculative decoding */
     int spec;
@@ -207,23 +269,32 @@ static int seq_reserve(engine *E, int q) {
     return MR_OK;
 }
 
-/* Samples the rows 0..n-1 of the latest forward: row i is the logits row row_at[i] of sample row_seq[i]. */
+/* The per-row loops below run rows on threads when there are several; a single row (batch-1 decode) is run by the
+ * calling thread outside any parallel region, so that the sampler's own loops over a large vocabulary can fork
+ * (nested in even an inactive region they would get a fresh team each time: slower than no fork at all). */
+
+/* Row i of the latest forward: the logits row row_at[i] of sample row_seq[i]. */
+static void sample_row_i(engine *E, int i) {
+    const int V = E->V, th = omp_get_thread_num();
+    double *pr = E->probs + (size_t)th * 2 * V;
+    rollout_cand *cd = E->cand + (size_t)th * 2 * V;
+    const sample *s = &E->s[E->row_seq[i]];
+    const float *row = model_logits(E->m) + (size_t)E->row_at[i] * V;
+    rollout_sampler_probs(pr, row, V, E->o, cd);
+    double u = rollout_uniform(E->o->seed, E->pid[s->p], s->g, E->out[E->row_seq[i]].n);
+    int32_t t = rollout_sample_row(pr, V, u, &E->row_lps[i]);
+    E->row_tok[i] = t;
+    logprob_forward(&E->row_lp[i], row, &t, 1, V);
+}
+
+/* Samples the rows 0..n-1 of the latest forward. */
 static void sample_rows(engine *E, int n) {
-    const float *logits = model_logits(E->m);
-    const int V = E->V;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(E->nthr) if (n > 1)
-    for (int i = 0; i < n; i++) {
-        int th = omp_get_thread_num();
-        double *pr = E->probs + (size_t)th * 2 * V;
-        rollout_cand *cd = E->cand + (size_t)th * V;
-        const sample *s = &E->s[E->row_seq[i]];
-        const float *row = logits + (size_t)E->row_at[i] * V;
-        rollout_sampler_probs(pr, row, V, E->o, cd);
-        double u = rollout_uniform(E->o->seed, E->pid[s->p], s->g, E->out[E->row_seq[i]].n);
-        int32_t t = rollout_sample_row(pr, V, u, &E->row_lps[i]);
-        E->row_tok[i] = t;
-        logprob_forward(&E->row_lp[i], row, &t, 1, V);
+    if (n == 1) {
+        sample_row_i(E, 0);
+        return;
     }
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(E->nthr)
+    for (int i = 0; i < n; i++) sample_row_i(E, i);
 }
 
 static int stop_hit(engine *E, int q, int32_t t) {
@@ -293,6 +364,20 @@ static int take_row(engine *E, int i) {
 
 /* ------------------------------------------------------------------------------------------ speculative */
 
+/* Draws the draft of MTP row i (d_seq[i] >= 0) of the latest model_mtp_draft. */
+static void draw_draft(engine *E, int i) {
+    const int V = E->V, q = E->d_seq[i];
+    sample *s = &E->s[q];
+    double *qp = E->qprob + (size_t)s->slot * V;
+    rollout_sampler_probs(qp, model_mtp_logits(E->m, 1) + (size_t)i * V, V, E->o,
+                          E->cand + (size_t)omp_get_thread_num() * 2 * V);
+    double u[2];
+    float unused;
+    rollout_spec_uniforms(E->o->seed, E->pid[s->p], s->g, E->out[q].n, u);
+    s->draft = rollout_sample_row(qp, V, u[0], &unused);
+    s->has_draft = 1;
+}
+
 /* Runs the n MTP rows set up in d_* and draws a draft for every row with d_seq >= 0. With n = out[q].n tokens
  * taken, next (index n - 1) is fed by the next step and the draft stands for token index n: its uniform is u[0] of
  * spec block n, whose u[1] is the acceptance test in verify_rows. */
@@ -300,20 +385,15 @@ static int run_drafts(engine *E, int n, mr_err *e) {
     if (n == 0) return MR_OK;
     int rc = model_mtp_draft(E->m, E->d_ids, E->d_hrow, E->d_kv, E->d_off, n, e);
     if (rc) return rc;
-    const float *logits = model_mtp_logits(E->m, 1);
-    const int V = E->V;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(E->nthr) if (n > 1)
-    for (int i = 0; i < n; i++) {
-        const int q = E->d_seq[i];
-        if (q < 0) continue;
-        sample *s = &E->s[q];
-        double *qp = E->qprob + (size_t)s->slot * V;
-        rollout_sampler_probs(qp, logits + (size_t)i * V, V, E->o, E->cand + (size_t)omp_get_thread_num() * V);
-        double u[2];
-        float unused;
-        rollout_spec_uniforms(E->o->seed, E->pid[s->p], s->g, E->out[q].n, u);
-        s->draft = rollout_sample_row(qp, V, u[0], &unused);
-        s->has_draft = 1;
+    int n_draw = 0;
+    for (int i = 0; i < n; i++) n_draw += E->d_seq[i] >= 0;
+    if (n_draw == 1) {
+        for (int i = 0; i < n; i++)
+            if (E->d_seq[i] >= 0) draw_draft(E, i);
+    } else {
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(E->nthr)
+        for (int i = 0; i < n; i++)
+            if (E->d_seq[i] >= 0) draw_draft(E, i);
     }
     return MR_OK;
 }
@@ -322,66 +402,72 @@ static int run_drafts(engine *E, int n, mr_err *e) {
  * token index n = out[q].n) and vb[k] (its draft, or -1). Accepts the draft with min(1, p/q) or resamples from
  * norm(max(0, p − q)); after an accepted draft, row vb[k] gives a bonus token (index n + 1) from p as usual.
  * Results go to row_* entries 2k (and 2k + 1), cnt[k] tokens, acc[k]. */
-static void verify_rows(engine *E, const int *live, int c0, int c1) {
+static void verify_one(engine *E, const int *live, int c0, int k) {
     const float *logits = model_logits(E->m);
     const int V = E->V;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(E->nthr) if (c1 - c0 > 1)
-    for (int k = 0; k < c1 - c0; k++) {
-        const int th = omp_get_thread_num(), q = live[c0 + k], i0 = 2 * k;
-        double *pr = E->probs + (size_t)th * 2 * V, *res = pr + V;
-        rollout_cand *cd = E->cand + (size_t)th * V;
-        const sample *s = &E->s[q];
-        const int n = E->out[q].n, ra = E->va[k], rb = E->vb[k];
-        const float *za = logits + (size_t)ra * V;
-        E->row_seq[i0] = E->row_seq[i0 + 1] = q;
-        E->row_at[i0] = ra;
-        E->row_at[i0 + 1] = rb;
-        rollout_sampler_probs(pr, za, V, E->o, cd);
-        const double u_tok = rollout_uniform(E->o->seed, E->pid[s->p], s->g, n);
-        int32_t t;
-        float lps;
-        int acc = 0;
-        if (rb >= 0) {
-            const double *qp = E->qprob + (size_t)s->slot * V;
-            double u[2];
-            rollout_spec_uniforms(E->o->seed, E->pid[s->p], s->g, n, u);
-            const int32_t d = s->draft;
-            if (u[1] * qp[d] < pr[d]) { /* u < p/q */
-                acc = 1;
-                t = d;
-                lps = (float)log(pr[d]);
-            } else {
-                double z = 0;
-                for (int v = 0; v < V; v++) {
-                    res[v] = pr[v] > qp[v] ? pr[v] - qp[v] : 0;
-                    z += res[v];
-                }
-                float unused;
-                if (z > 0) {
-                    for (int v = 0; v < V; v++) res[v] /= z;
-                    t = rollout_sample_row(res, V, u_tok, &unused);
-                } else { /* p <= q everywhere: only rounding can get here; p itself is the residual's limit */
-                    t = rollout_sample_row(pr, V, u_tok, &unused);
-                }
-                lps = (float)log(pr[t]); /* the token's law is p: the sampler's log-prob is p's */
-            }
+    const int th = omp_get_thread_num(), q = live[c0 + k], i0 = 2 * k;
+    double *pr = E->probs + (size_t)th * 2 * V, *res = pr + V;
+    rollout_cand *cd = E->cand + (size_t)th * 2 * V;
+    const sample *s = &E->s[q];
+    const int n = E->out[q].n, ra = E->va[k], rb = E->vb[k];
+    const float *za = logits + (size_t)ra * V;
+    E->row_seq[i0] = E->row_seq[i0 + 1] = q;
+    E->row_at[i0] = ra;
+    E->row_at[i0 + 1] = rb;
+    rollout_sampler_probs(pr, za, V, E->o, cd);
+    const double u_tok = rollout_uniform(E->o->seed, E->pid[s->p], s->g, n);
+    int32_t t;
+    float lps;
+    int acc = 0;
+    if (rb >= 0) {
+        const double *qp = E->qprob + (size_t)s->slot * V;
+        double u[2];
+        rollout_spec_uniforms(E->o->seed, E->pid[s->p], s->g, n, u);
+        const int32_t d = s->draft;
+        if (u[1] * qp[d] < pr[d]) { /* u < p/q */
+            acc = 1;
+            t = d;
+            lps = (float)log(pr[d]);
         } else {
-            t = rollout_sample_row(pr, V, u_tok, &lps);
+            double z = 0;
+            for (int v = 0; v < V; v++) {
+                res[v] = pr[v] > qp[v] ? pr[v] - qp[v] : 0;
+                z += res[v];
+            }
+            float unused;
+            if (z > 0) {
+                for (int v = 0; v < V; v++) res[v] /= z;
+                t = rollout_sample_row(res, V, u_tok, &unused);
+            } else { /* p <= q everywhere: only rounding can get here; p itself is the residual's limit */
+                t = rollout_sample_row(pr, V, u_tok, &unused);
+            }
+            lps = (float)log(pr[t]); /* the token's law is p: the sampler's log-prob is p's */
         }
-        E->row_tok[i0] = t;
-        E->row_lps[i0] = lps;
-        logprob_forward(&E->row_lp[i0], za, &t, 1, V);
-        if (acc) {
-            const float *zb = logits + (size_t)rb * V;
-            rollout_sampler_probs(pr, zb, V, E->o, cd);
-            int32_t t2 = rollout_sample_row(pr, V, rollout_uniform(E->o->seed, E->pid[s->p], s->g, n + 1),
-                                            &E->row_lps[i0 + 1]);
-            E->row_tok[i0 + 1] = t2;
-            logprob_forward(&E->row_lp[i0 + 1], zb, &t2, 1, V);
-        }
-        E->cnt[k] = 1 + acc;
-        E->acc[k] = acc;
+    } else {
+        t = rollout_sample_row(pr, V, u_tok, &lps);
     }
+    E->row_tok[i0] = t;
+    E->row_lps[i0] = lps;
+    logprob_forward(&E->row_lp[i0], za, &t, 1, V);
+    if (acc) {
+        const float *zb = logits + (size_t)rb * V;
+        rollout_sampler_probs(pr, zb, V, E->o, cd);
+        int32_t t2 = rollout_sample_row(pr, V, rollout_uniform(E->o->seed, E->pid[s->p], s->g, n + 1),
+                                        &E->row_lps[i0 + 1]);
+        E->row_tok[i0 + 1] = t2;
+        logprob_forward(&E->row_lp[i0 + 1], zb, &t2, 1, V);
+    }
+    E->cnt[k] = 1 + acc;
+    E->acc[k] = acc;
+}
+
+static void verify_rows(engine *E, const int *live, int c0, int c1) {
+    if (c1 - c0 == 1) {
+        verify_one(E, live, c0, 0);
+        return;
+    }
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(E->nthr)
+    for (int k = 0; k < c1 - c0; k++) verify_one(E, live, c0, k);
 }
 
 /* One speculative decode step over the live samples, in chunks of at most T_max rows (results do not depend on the
@@ -568,7 +654,7 @@ int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *promp
     E.row_lps = mem_alloc(sizeof(float) * 2 * (size_t)Tm);
     E.row_lp = mem_alloc(sizeof(float) * 2 * (size_t)Tm);
     E.probs = mem_alloc(sizeof(double) * 2 * (size_t)E.V * (size_t)E.nthr);
-    E.cand = mem_alloc(sizeof(rollout_cand) * (size_t)E.V * (size_t)E.nthr);
+    E.cand = mem_alloc(sizeof(rollout_cand) * 2 * (size_t)E.V * (size_t)E.nthr);
     /* prefill batch and decode batch buffers */
     int32_t *ids = mem_alloc(sizeof(int32_t) * 3 * (size_t)Tm);
     model_kv **kvp = mem_alloc(sizeof(model_kv *) * 2 * (size_t)Tm), **mkvp = kvp + Tm;

@@ -94,14 +94,14 @@ void rollout_seq_free(rollout_seq *s); /* accepts a zeroed or freed sequence */
  *   else x = z / temperature (double), e_v = exp(x_v − max x);
  *   top-k: keep the k largest e (ties: lower id first); top-p: walking the kept ids by (e descending, id
  *   ascending), keep an id while the mass before it is < top_p of the kept total (the first id always stays);
- *   min-p: keep e_v >= min_p (that is p_v >= min_p · p_max); then p_v = e_v / Σ kept e (ids ascending).
+ *   min-p: keep e_v >= min_p (that is p_v >= min_p · p_max); then p_v = e_v / Σ kept e (summed in a fixed order).
  * A draw with u ∈ [0, 1) takes the first id v (ascending) whose cumulative p exceeds u. */
 typedef struct rollout_cand {
     double e;
     int32_t id;
 } rollout_cand;
 
-/* probs (V) receives the sampler's distribution of the logits row; work: V entries of scratch. Returns the number
+/* probs (V) receives the sampler's distribution of the logits row; work: 2V entries of scratch. Returns the number
  * of ids with p > 0. */
 int rollout_sampler_probs(double *probs, const float *logits, int V, const rollout_opts *o, rollout_cand *work);
 /* The id drawn by u from probs, and its log-probability under them (0 for greedy). */

@@ -173,6 +173,22 @@ Test(eval_cli, tiny_checkpoint_end_to_end, .init = setup, .fini = teardown) {
     cr_assert_float_eq(table_value(out2, "pass@4"), p4, 1e-9);
     cr_assert_float_eq(table_value(out2, "maj@4"), maj, 1e-9);
     free(out2);
+
+    /* MTP speculative decoding: the same greedy completions (so the same greedy figures), drafts counted */
+    cr_assert_eq(sh(&out2, "cd %s && %s eval r.yaml --model runs/step-00000004 -k 4 --set rollout.mtp_speculative=true",
+                    dir, tu_bin()), 0, "%s", out2);
+    cr_assert_float_eq(table_value(out2, "pass@1_greedy"), g1, 1e-9, "%s", out2);
+    cr_assert_float_eq(table_value(out2, "reward_mean_greedy"), rg, 1e-9, "%s", out2);
+    const char *sp = strstr(out2, "MTP speculative decoding: drafts accepted greedy ");
+    cr_assert(sp, "%s", out2);
+    long long ga, gd, sa, sd;
+    double gp, spct;
+    cr_assert_eq(sscanf(sp, "MTP speculative decoding: drafts accepted greedy %lld of %lld (%lf%%), sampled %lld of "
+                            "%lld (%lf%%)", &ga, &gd, &gp, &sa, &sd, &spct), 6, "%s", sp);
+    cr_expect(gd > 0 && ga >= 0 && ga <= gd && sd > 0 && sa >= 0 && sa <= sd, "%s", sp);
+    cr_expect_float_eq(gp, 100.0 * (double)ga / (double)gd, 0.051, "%s", sp);
+    cr_expect_float_eq(table_value(out2, "mtp_acceptance_greedy"), (double)ga / (double)gd, 1e-4, "%s", out2);
+    free(out2);
     free(r);
     free(l);
 }

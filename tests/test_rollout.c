@@ -423,7 +423,7 @@ Test(rollout, sampler_against_brute_force) {
     } cases[] = {{0.7f, 1, 0, 5}, {1.3f, 0.8f, 0, 0}, {1, 1, 0.1f, 0}, {0.9f, 0.7f, 0.05f, 10}, {1, 1, 0, 0},
                  {2, 0.5f, 0, 3}};
     double pr[V], ref[V];
-    rollout_cand work[V];
+    rollout_cand work[2 * V];
     for (size_t c = 0; c < 2 * sizeof cases / sizeof cases[0]; c++) {
         if (c == sizeof cases / sizeof cases[0]) /* the same cases on a row with a wide range (e down to 1e-30) */
             for (int v = 0; v < V; v++) z[v] *= 8;
@@ -474,6 +474,78 @@ Test(rollout, sampler_against_brute_force) {
     cr_expect(u0 == rollout_uniform(1, 2, 3, 4));
     cr_expect(u0 != rollout_uniform(9, 2, 3, 4) && u0 != rollout_uniform(1, 9, 3, 4) &&
               u0 != rollout_uniform(1, 2, 9, 4) && u0 != rollout_uniform(1, 2, 3, 9));
+}
+
+/* The sampler on a 32k vocabulary (its elementwise loops fork on two threads, candidates are radix-sorted) against
+ * the definition with qsort over every id: the same kept set and values within rounding, and bit-identical results
+ * on one and on two threads. */
+static int ref_cmp(const void *pa, const void *pb) {
+    const rollout_cand *a = pa, *b = pb;
+    if (a->e != b->e) return a->e > b->e ? -1 : 1;
+    return (a->id > b->id) - (a->id < b->id);
+}
+
+static void sorted_ref(double *pr, const float *z, int V, const rollout_opts *o, rollout_cand *c) {
+    double mx = -INFINITY, zk = 0, s = 0;
+    for (int v = 0; v < V; v++) mx = fmax(mx, (double)z[v] / o->temperature);
+    for (int v = 0; v < V; v++) c[v] = (rollout_cand){exp((double)z[v] / o->temperature - mx), v};
+    qsort(c, (size_t)V, sizeof *c, ref_cmp);
+    int keep = o->top_k > 0 && o->top_k < V ? o->top_k : V;
+    for (int i = 0; i < keep; i++) zk += c[i].e;
+    double before = 0;
+    memset(pr, 0, sizeof(double) * (size_t)V);
+    for (int i = 0; i < keep; i++) {
+        if (o->top_p < 1 && before >= o->top_p * zk) break;
+        before += c[i].e;
+        if (c[i].e >= o->min_p) pr[c[i].id] = c[i].e;
+    }
+    for (int v = 0; v < V; v++) s += pr[v];
+    for (int v = 0; v < V; v++) pr[v] /= s;
+}
+
+Test(rollout, sampler_large_vocab) {
+    enum { V = 32768 };
+    float *z = malloc(sizeof(float) * V);
+    double *pr = malloc(sizeof(double) * V), *p1 = malloc(sizeof(double) * V), *ref = malloc(sizeof(double) * V);
+    rollout_cand *work = malloc(sizeof(rollout_cand) * 2 * V);
+    cr_assert(z && pr && p1 && ref && work);
+    struct {
+        float t, p, mp, scale;
+        int k;
+    } cases[] = {{1, 1, 0, 4, 0},     {1, 0.9f, 0, 4, 0},   {0.8f, 0.95f, 0, 30, 0}, {1, 1, 0, 4, 50},
+                 {1, 0.5f, 0, 60, 40}, {1.2f, 1, 0.01f, 8, 0}, {1, 1, 0, 300, 5000}, {0.7f, 0.9f, 0.02f, 12, 100}};
+    const int thr = omp_get_max_threads();
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        uint32_t st = 12345u + (uint32_t)c;
+        for (int v = 0; v < V; v++) {
+            st = st * 1664525u + 1013904223u;
+            z[v] = cases[c].scale * ((float)(st >> 8) / 16777216.0f - 0.5f);
+        }
+        for (int v = 0; v < V; v += 97) z[v] = z[V / 2]; /* ties across the vocabulary */
+        rollout_opts o = rollout_opts_default();
+        o.temperature = cases[c].t;
+        o.top_p = cases[c].p;
+        o.min_p = cases[c].mp;
+        o.top_k = cases[c].k;
+        omp_set_num_threads(2);
+        int kept = rollout_sampler_probs(pr, z, V, &o, work);
+        omp_set_num_threads(1);
+        int kept1 = rollout_sampler_probs(p1, z, V, &o, work);
+        omp_set_num_threads(thr);
+        cr_expect_eq(kept, kept1, "case %zu", c);
+        cr_expect(memcmp(pr, p1, sizeof(double) * V) == 0, "case %zu: 1 and 2 threads differ", c);
+        sorted_ref(ref, z, V, &o, work);
+        int nref = 0, bad = 0;
+        for (int v = 0; v < V; v++) {
+            nref += ref[v] > 0;
+            bad += (pr[v] > 0) != (ref[v] > 0) || fabs(pr[v] - ref[v]) > 1e-12 * (1 + ref[v]);
+        }
+        cr_expect_eq(bad, 0, "case %zu: %d ids differ from the sorted reference", c, bad);
+        cr_expect_eq(kept, nref, "case %zu", c);
+        if (cases[c].k) cr_expect(kept <= cases[c].k, "case %zu", c);
+        if (cases[c].p < 1 || cases[c].k) cr_expect(kept < V, "case %zu: truncation kept every id", c);
+    }
+    free(z), free(pr), free(p1), free(ref), free(work);
 }
 
 Test(rollout, fast_mode_mismatch_is_small) {
@@ -609,6 +681,32 @@ Test(rollout, generate_cli) {
     cr_expect_str_eq(o, o2);
     free(o);
     free(o2);
+    /* MTP speculative decoding: the same greedy text; the stats line on stderr counts the drafts */
+    char *plain = run(&st, "%s generate --model %s --prompt 'hello' --temperature 0 --max-new-tokens 12 2>/dev/null",
+                      tu_bin(), mdir);
+    cr_assert_eq(st, 0, "%s", plain);
+    o = run(&st, "%s generate --model %s --prompt 'hello' --temperature 0 --max-new-tokens 12 --mtp-speculative "
+            "2>/dev/null", tu_bin(), mdir);
+    cr_assert_eq(st, 0, "%s", o);
+    cr_expect_str_eq(o, plain);
+    free(o);
+    free(plain);
+    o = run(&st, "%s generate --model %s --prompt 'hello' --temperature 0 --max-new-tokens 12 --mtp-speculative "
+            "2>&1 >/dev/null", tu_bin(), mdir);
+    cr_assert_eq(st, 0, "%s", o);
+    long long ntok = -1, steps = -1, acc = -1, drafted = -1;
+    double secs = -1, tps = -1;
+    cr_assert_eq(sscanf(o, "generate: %lld tokens in %lf s (%lf tokens/s, prefill included), %lld decode steps; MTP "
+                           "drafts accepted %lld of %lld", &ntok, &secs, &tps, &steps, &acc, &drafted), 6, "%s", o);
+    cr_expect(ntok >= 1 && ntok <= 12 && secs >= 0 && tps >= 0, "%s", o);
+    cr_expect(drafted >= 1 && acc >= 0 && acc <= drafted, "%s", o);
+    cr_expect_eq(ntok - 1, steps + acc, "every decode step gives one token, plus one per accepted draft: %s", o);
+    free(o);
+    o = run(&st, "%s generate --model %s --prompt 'hello' --temperature 0 --max-new-tokens 12 --stats 2>&1 >/dev/null",
+            tu_bin(), mdir);
+    cr_assert_eq(st, 0, "%s", o);
+    cr_expect(!strncmp(o, "generate: ", 10) && !strstr(o, "MTP") && strchr(o, '\n') == o + strlen(o) - 1, "%s", o);
+    free(o);
     /* misuse and failures: one line on stderr */
     o = run(&st, "%s generate --model %s 2>&1", tu_bin(), mdir);
     cr_expect_eq(st, 2);
