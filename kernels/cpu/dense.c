@@ -216,6 +216,52 @@ __attribute__((target("avx512f"))) static inline __m512 det_reduce16(const __m51
     return _mm512_add_ps(lo, hi); /* position 4j + m = element j + 4m */
 }
 
+/* Fewer than 4 rows left (decode: one row per sequence; a verify step: two): an R x 8 tile, so no FMA is spent on
+ * repeated rows and each w row is read once per R rows. Each element is the same fused chain over the same lanes
+ * and the same tree as in the 4x4 tile, so the bits do not depend on which tile computed it. */
+__attribute__((target("avx512f"), always_inline)) static inline void det_rows_avx512(float *y, const float *x,
+                                                                                  const float *w, int in, int out,
+                                                                                  int beta, int t, const int R,
+                                                                                  int o0, int o1) {
+    const int nfull = in / DET_LANES * DET_LANES;
+    const __mmask16 tail = (__mmask16)((1u << (in - nfull)) - 1u);
+    const float *xr[3];
+    for (int r = 0; r < R; r++) xr[r] = x + (size_t)(t + r) * in;
+    for (int o = o0; o < o1; o += 8) {
+        const int no = o1 - o < 8 ? o1 - o : 8;
+        const float *wb[8];
+        for (int b = 0; b < 8; b++) wb[b] = w + (size_t)(o + (b < no ? b : no - 1)) * in;
+        __m512 c[3][8];
+        for (int r = 0; r < R; r++)
+            for (int b = 0; b < 8; b++) c[r][b] = _mm512_setzero_ps();
+        int i = 0;
+        for (; i < nfull; i += DET_LANES) {
+            __m512 a[3];
+            for (int r = 0; r < R; r++) a[r] = _mm512_loadu_ps(xr[r] + i);
+            for (int b = 0; b < 8; b++) {
+                __m512 v = _mm512_loadu_ps(wb[b] + i);
+                for (int r = 0; r < R; r++) c[r][b] = _mm512_fmadd_ps(a[r], v, c[r][b]);
+            }
+        }
+        if (tail) { /* zero lanes add fma(0, 0, acc) = acc exactly, as in the 4x4 tile */
+            __m512 a[3];
+            for (int r = 0; r < R; r++) a[r] = _mm512_maskz_loadu_ps(tail, xr[r] + i);
+            for (int b = 0; b < 8; b++) {
+                __m512 v = _mm512_maskz_loadu_ps(tail, wb[b] + i);
+                for (int r = 0; r < R; r++) c[r][b] = _mm512_fmadd_ps(a[r], v, c[r][b]);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int b = 0; b < no; b++) {
+                float lanes[DET_LANES];
+                _mm512_storeu_ps(lanes, c[r][b]);
+                float sum = det_tree(lanes);
+                float *yo = y + (size_t)(t + r) * out + o + b;
+                *yo = beta ? *yo + sum : sum;
+            }
+    }
+}
+
 /* The 4x4 register tile. Rows past t1 / columns past o1 repeat the last valid one and are not stored: every element
  * is computed the same way wherever it sits. */
 __attribute__((target("avx512f"))) static void det_block_avx512(float *y, const float *x, const float *w, int in,
@@ -224,6 +270,12 @@ __attribute__((target("avx512f"))) static void det_block_avx512(float *y, const 
     const __mmask16 tail = (__mmask16)((1u << (in - nfull)) - 1u);
     for (int t = t0; t < t1; t += DET_TR) {
         const int nt = t1 - t < DET_TR ? t1 - t : DET_TR;
+        if (nt < DET_TR) {
+            if (nt == 1) det_rows_avx512(y, x, w, in, out, beta, t, 1, o0, o1);
+            else if (nt == 2) det_rows_avx512(y, x, w, in, out, beta, t, 2, o0, o1);
+            else det_rows_avx512(y, x, w, in, out, beta, t, 3, o0, o1);
+            break;
+        }
         const float *x0 = x + (size_t)t * in;
         const float *x1 = x + (size_t)(t + (nt > 1 ? 1 : 0)) * in;
         const float *x2 = x + (size_t)(t + (nt > 2 ? 2 : nt - 1)) * in;
