@@ -363,9 +363,16 @@ static void det_forward(float *y, const float *x, const float *w, int T, int in,
     if (ob < DET_TO) ob = DET_TO;
     if (ob > 256) ob = 256;
     const int tb = 64;
-    const int nob = (out + ob - 1) / ob, ntb = (T + tb - 1) / tb;
-    const long njobs = (long)nob * ntb;
     const double work = (double)T * in * out;
+    /* Few rows (decode): split the w rows over the threads rather than leave one thread streaming them all. The
+     * split changes which thread computes an element, never how. */
+    const int nth = omp_get_max_threads(), ntb = (T + tb - 1) / tb;
+    if (ntb < nth && work >= PAR_MIN_WORK && (out + ob - 1) / ob * ntb < nth) {
+        int even = ((out + nth - 1) / nth + 7) / 8 * 8;
+        if (even < ob) ob = even;
+    }
+    const int nob = (out + ob - 1) / ob;
+    const long njobs = (long)nob * ntb;
 #pragma omp parallel for schedule(static) if (work >= PAR_MIN_WORK && njobs > 1)
     for (long j = 0; j < njobs; j++) {
         int o0 = (int)(j / ntb) * ob, t0 = (int)(j % ntb) * tb;
