@@ -364,11 +364,12 @@ static void det_forward(float *y, const float *x, const float *w, int T, int in,
     if (ob > 256) ob = 256;
     const int tb = 64;
     const double work = (double)T * in * out;
-    /* Few rows (decode): split the w rows over the threads rather than leave one thread streaming them all. The
-     * split changes which thread computes an element, never how. */
+    /* Few rows (decode): split the w rows into a multiple of the thread count of equal blocks, so no thread
+     * streams more of them than another. The split changes which thread computes an element, never how. */
     const int nth = omp_get_max_threads(), ntb = (T + tb - 1) / tb;
-    if (ntb < nth && work >= PAR_MIN_WORK && (out + ob - 1) / ob * ntb < nth) {
-        int even = ((out + nth - 1) / nth + 7) / 8 * 8;
+    if (ntb < nth && work >= PAR_MIN_WORK) {
+        const int want = ((out + ob - 1) / ob + nth - 1) / nth * nth;
+        const int even = ((out + want - 1) / want + 7) / 8 * 8;
         if (even < ob) ob = even;
     }
     const int nob = (out + ob - 1) / ob;
