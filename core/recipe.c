@@ -21,62 +21,16 @@
 #include <yaml.h>
 
 #include "core/mem.h"
+#include "core/strbuf.h"
 
 #define MAX_DEPTH 32          /* YAML nesting; the schema needs 4 */
 #define MAX_RECIPE_BYTES (16u << 20)
 
-/* ---- growable string ------------------------------------------------------------------------------- */
-
-typedef struct {
-    char *s;
-    size_t n, cap;
-    int oom;
-} sbuf;
-
-static void sb_putn(sbuf *b, const char *s, size_t n) {
-    size_t need;
-    if (b->oom) return;
-    if (size_add(b->n, n, &need) || size_add(need, 1, &need)) {
-        b->oom = 1;
-        return;
-    }
-    if (need > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < need) cap *= 2;
-        char *p = mem_realloc(b->s, cap);
-        if (!p) {
-            b->oom = 1;
-            return;
-        }
-        b->s = p;
-        b->cap = cap;
-    }
-    memcpy(b->s + b->n, s, n);
-    b->n += n;
-    b->s[b->n] = '\0';
-}
-
-static void sb_puts(sbuf *b, const char *s) { sb_putn(b, s, strlen(s)); }
-
-static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(sbuf *b, const char *fmt, ...) {
-    char tmp[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    int k = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (k < 0 || (size_t)k >= sizeof tmp) { /* every caller formats short pieces */
-        b->oom = 1;
-        return;
-    }
-    sb_putn(b, tmp, (size_t)k);
-}
-
-static void sb_indent(sbuf *b, int n) {
+static void sb_indent(strbuf *b, int n) {
     static const char spaces[] = "                                                                ";
     while (n > 0) {
         int k = n < 64 ? n : 64;
-        sb_putn(b, spaces, (size_t)k);
+        strbuf_putn(b, spaces, (size_t)k);
         n -= k;
     }
 }
@@ -1371,38 +1325,38 @@ static size_t utf8_next(const unsigned char *s, uint32_t *cp) {
 }
 
 /* A double-quoted YAML string; characters libyaml would refuse in a stream are escaped. */
-static void dump_string(sbuf *b, const char *s) {
-    sb_putn(b, "\"", 1);
+static void dump_string(strbuf *b, const char *s) {
+    strbuf_putn(b, "\"", 1);
     const unsigned char *p = (const unsigned char *)s;
     while (*p) {
         uint32_t cp;
         size_t n = utf8_next(p, &cp);
-        if (cp == '"' || cp == '\\') sb_printf(b, "\\%c", (char)cp);
-        else if (cp == '\n') sb_puts(b, "\\n");
-        else if (cp == '\t') sb_puts(b, "\\t");
-        else if (cp == '\r') sb_puts(b, "\\r");
-        else if (cp < 0x20 || (cp >= 0x7F && cp < 0xA0)) sb_printf(b, "\\x%02x", (unsigned)cp);
+        if (cp == '"' || cp == '\\') strbuf_printf(b, "\\%c", (char)cp);
+        else if (cp == '\n') strbuf_puts(b, "\\n");
+        else if (cp == '\t') strbuf_puts(b, "\\t");
+        else if (cp == '\r') strbuf_puts(b, "\\r");
+        else if (cp < 0x20 || (cp >= 0x7F && cp < 0xA0)) strbuf_printf(b, "\\x%02x", (unsigned)cp);
         else if ((cp >= 0xD800 && cp < 0xE000) || cp == 0xFEFF || cp == 0xFFFE || cp == 0xFFFF)
-            sb_printf(b, "\\u%04x", (unsigned)cp);
-        else sb_putn(b, (const char *)p, n);
+            strbuf_printf(b, "\\u%04x", (unsigned)cp);
+        else strbuf_putn(b, (const char *)p, n);
         p += n;
     }
-    sb_putn(b, "\"", 1);
+    strbuf_putn(b, "\"", 1);
 }
 
-static void dump_scalar(sbuf *b, const recipe_field *f, recipe_type t, const rnode *n) {
+static void dump_scalar(strbuf *b, const recipe_field *f, recipe_type t, const rnode *n) {
     char num[64];
     if (!n->set) {
-        sb_puts(b, "null");
+        strbuf_puts(b, "null");
         return;
     }
     switch (t) {
-    case RT_INT: sb_printf(b, "%" PRId64, n->v.i); break;
+    case RT_INT: strbuf_printf(b, "%" PRId64, n->v.i); break;
     case RT_FLOAT:
         fmt_double(num, sizeof num, n->v.d);
-        sb_puts(b, num);
+        strbuf_puts(b, num);
         break;
-    case RT_BOOL: sb_puts(b, n->v.i ? "true" : "false"); break;
+    case RT_BOOL: strbuf_puts(b, n->v.i ? "true" : "false"); break;
     case RT_STRING: dump_string(b, n->v.s); break;
     case RT_ENUM: {
         /* words YAML 1.1 tools read as booleans (tis.mode: off) are quoted for them; moerl reads both */
@@ -1411,71 +1365,71 @@ static void dump_scalar(sbuf *b, const recipe_field *f, recipe_type t, const rno
         int quote = 0;
         for (size_t i = 0; yaml11[i]; i++) quote |= !strcasecmp(v, yaml11[i]);
         if (quote) dump_string(b, v);
-        else sb_puts(b, v);
+        else strbuf_puts(b, v);
         break;
     }
     default: break;
     }
 }
 
-static void dump_fields(sbuf *b, const recipe_field *fs, const rnode *obj, int indent) {
+static void dump_fields(strbuf *b, const recipe_field *fs, const rnode *obj, int indent) {
     for (size_t i = 0; fs[i].key; i++) {
         const recipe_field *f = &fs[i];
         const rnode *kid = &obj->kids[i];
         if (f->type == RT_OBJECT && !kid->set) continue; /* an absent one-of member */
         sb_indent(b, indent);
-        sb_puts(b, f->key);
-        sb_putn(b, ":", 1);
+        strbuf_puts(b, f->key);
+        strbuf_putn(b, ":", 1);
         switch (f->type) {
         case RT_OBJECT:
-            sb_putn(b, "\n", 1);
+            strbuf_putn(b, "\n", 1);
             dump_fields(b, f->fields, kid, indent + 2);
             break;
         case RT_OBJLIST:
             if (!kid->set) {
-                sb_puts(b, " null\n");
+                strbuf_puts(b, " null\n");
             } else if (!kid->n) {
-                sb_puts(b, " []\n");
+                strbuf_puts(b, " []\n");
             } else {
-                sb_putn(b, "\n", 1);
+                strbuf_putn(b, "\n", 1);
                 for (size_t j = 0; j < kid->n; j++) {
                     size_t start = b->n;
                     dump_fields(b, f->fields, &kid->kids[j], indent + 4);
                     /* "    key: v" -> "  - key: v": the first line of the item carries the dash */
-                    if (!b->oom && b->n > start + (size_t)indent + 3) b->s[start + (size_t)indent + 2] = '-';
+                    if (!b->oom && b->n > start + (size_t)indent + 3) b->p[start + (size_t)indent + 2] = '-';
                 }
             }
             break;
         case RT_LIST:
             if (!kid->set) {
-                sb_puts(b, " null\n");
+                strbuf_puts(b, " null\n");
                 break;
             }
-            sb_puts(b, " [");
+            strbuf_puts(b, " [");
             for (size_t j = 0; j < kid->n; j++) {
-                if (j) sb_puts(b, ", ");
+                if (j) strbuf_puts(b, ", ");
                 dump_scalar(b, f, f->item, &kid->kids[j]);
             }
-            sb_puts(b, "]\n");
+            strbuf_puts(b, "]\n");
             break;
         default:
-            sb_putn(b, " ", 1);
+            strbuf_putn(b, " ", 1);
             dump_scalar(b, f, f->type, kid);
-            sb_putn(b, "\n", 1);
+            strbuf_putn(b, "\n", 1);
             break;
         }
     }
 }
 
 int recipe_dump_yaml(const recipe *r, char **out) {
-    sbuf b = {0};
+    strbuf b = {0};
     *out = NULL;
     dump_fields(&b, recipe_schema, &r->root, 0);
-    if (!b.s && !b.oom) sb_puts(&b, "{}\n");
+    if (!b.p && !b.oom) strbuf_puts(&b, "{}\n");
     if (b.oom) {
-        mem_free(b.s);
+        mem_free(b.p);
         return MR_ENOMEM;
     }
-    *out = b.s;
+    *out = b.p;
     return 0;
 }

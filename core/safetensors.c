@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "core/mem.h"
+#include "core/strbuf.h"
 
 #define INDEX_NAME "model.safetensors.index.json"
 #define SINGLE_NAME "model.safetensors"
@@ -108,60 +109,6 @@ static void fmt_shape(char *buf, size_t cap, const int64_t *shape, int ndim) {
     for (int i = 0; i < ndim && n < cap; i++)
         n += (size_t)snprintf(buf + n, cap - n, "%s%lld", i ? ", " : "", (long long)shape[i]);
     if (n < cap) snprintf(buf + n, cap - n, "]");
-}
-
-/* A growable byte buffer whose allocation failure is sticky (checked once at the end). */
-typedef struct sbuf {
-    char *p;
-    size_t n, cap;
-    int oom;
-} sbuf;
-
-static void sb_put(sbuf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1) cap *= 2;
-        char *p = mem_realloc(b->p, cap);
-        if (!p) {
-            b->oom = 1;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = '\0';
-}
-
-static void sb_puts(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
-
-static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(sbuf *b, const char *fmt, ...) {
-    char tmp[256];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (n < 0) return;
-    sb_put(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
-}
-
-/* A JSON string literal: quotes, backslashes and control bytes escaped; other bytes (UTF-8) verbatim. */
-static void sb_json_str(sbuf *b, const char *s) {
-    sb_put(b, "\"", 1);
-    for (const unsigned char *c = (const unsigned char *)s; *c; c++) {
-        if (*c == '"' || *c == '\\') {
-            char esc[2] = {'\\', (char)*c};
-            sb_put(b, esc, 2);
-        } else if (*c < 0x20) {
-            sb_printf(b, "\\u%04x", *c);
-        } else {
-            sb_put(b, (const char *)c, 1);
-        }
-    }
-    sb_put(b, "\"", 1);
 }
 
 /* ================= one file ================= */
@@ -1048,7 +995,7 @@ typedef struct st_plan {
     const st_writer *w;
     st_wtensor **v; /* layout order */
     size_t n;
-    sbuf header;    /* padded JSON */
+    strbuf header;    /* padded JSON */
 } st_plan;
 
 static int cmp_layout(const void *a, const void *b) {
@@ -1073,37 +1020,37 @@ static int plan_build(st_plan *p, st_wtensor **v, size_t n, st_wtensor **by_name
     }
     memcpy(by_name, v, n * sizeof *v);
     qsort(by_name, n, sizeof *by_name, cmp_wname);
-    sbuf *b = &p->header;
-    sb_puts(b, "{");
+    strbuf *b = &p->header;
+    strbuf_puts(b, "{");
     const st_writer *w = p->w;
     if (w->n_meta) {
         st_meta *ms = mem_alloc(w->n_meta * sizeof *ms);
         if (!ms) return err_set(e, MR_ENOMEM, "%s: out of memory building the header", path);
         memcpy(ms, w->meta, w->n_meta * sizeof *ms);
         qsort(ms, w->n_meta, sizeof *ms, cmp_meta);
-        sb_puts(b, "\"__metadata__\":{");
+        strbuf_puts(b, "\"__metadata__\":{");
         for (size_t i = 0; i < w->n_meta; i++) {
-            if (i) sb_puts(b, ",");
-            sb_json_str(b, ms[i].key);
-            sb_puts(b, ":");
-            sb_json_str(b, ms[i].value);
+            if (i) strbuf_puts(b, ",");
+            strbuf_json_str(b, ms[i].key);
+            strbuf_puts(b, ":");
+            strbuf_json_str(b, ms[i].value);
         }
-        sb_puts(b, n ? "}," : "}");
+        strbuf_puts(b, n ? "}," : "}");
         mem_free(ms);
     }
     for (size_t i = 0; i < n; i++) {
         const st_wtensor *t = by_name[i];
         if (i && !strcmp(by_name[i - 1]->name, t->name))
             return err_set(e, MR_EINVAL, "%s: tensor \"%s\" was added twice", path, t->name);
-        if (i) sb_puts(b, ",");
-        sb_json_str(b, t->name);
-        sb_printf(b, ":{\"dtype\":\"%s\",\"shape\":[", dtype_name(t->dtype));
-        for (int d = 0; d < t->ndim; d++) sb_printf(b, "%s%lld", d ? "," : "", (long long)t->shape[d]);
-        sb_printf(b, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)t->begin,
+        if (i) strbuf_puts(b, ",");
+        strbuf_json_str(b, t->name);
+        strbuf_printf(b, ":{\"dtype\":\"%s\",\"shape\":[", dtype_name(t->dtype));
+        for (int d = 0; d < t->ndim; d++) strbuf_printf(b, "%s%lld", d ? "," : "", (long long)t->shape[d]);
+        strbuf_printf(b, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)t->begin,
                   (unsigned long long)(t->begin + t->nbytes));
     }
-    sb_puts(b, "}");
-    while (!b->oom && (8 + b->n) % 8 != 0) sb_puts(b, " ");
+    strbuf_puts(b, "}");
+    while (!b->oom && (8 + b->n) % 8 != 0) strbuf_puts(b, " ");
     if (b->oom) return err_set(e, MR_ENOMEM, "%s: out of memory building the header", path);
     if (b->n > ST_MAX_HEADER)
         return err_set(e, MR_ERANGE, "%s: header of %zu bytes exceeds the %llu-byte limit", path, b->n,
@@ -1149,11 +1096,11 @@ int st_writer_write(st_writer *w, const char *path, mr_err *e) {
 }
 
 typedef struct index_ctx {
-    const sbuf *text;
+    const strbuf *text;
 } index_ctx;
 
 static int index_emit(FILE *fp, void *ctx) {
-    const sbuf *b = ((const index_ctx *)ctx)->text;
+    const strbuf *b = ((const index_ctx *)ctx)->text;
     return fwrite(b->p, 1, b->n, fp) == b->n ? 0 : -1;
 }
 
@@ -1181,7 +1128,7 @@ int st_writer_write_dir(st_writer *w, const char *dir, size_t max_shard_bytes, m
     /* Shards: greedy in name order (neighbouring names, e.g. one layer, share a shard), as HF does. */
     st_wtensor **v = writer_ptrs(w);
     size_t *first = mem_calloc(w->n + 1, sizeof *first);
-    sbuf idx = {0};
+    strbuf idx = {0};
     if (!v || !first) {
         rc = err_set(e, MR_ENOMEM, "%s: out of memory", dir);
         goto done;
@@ -1200,17 +1147,17 @@ int st_writer_write_dir(st_writer *w, const char *dir, size_t max_shard_bytes, m
         rc = err_set(e, MR_ERANGE, "%s: %zu shards exceed the 99999 the naming scheme allows", dir, ns);
         goto done;
     }
-    sb_printf(&idx, "{\n  \"metadata\": {\n    \"total_size\": %zu\n  },\n  \"weight_map\": {\n", total);
+    strbuf_printf(&idx, "{\n  \"metadata\": {\n    \"total_size\": %zu\n  },\n  \"weight_map\": {\n", total);
     for (size_t s = 0; s < ns; s++) {
         char name[64];
         snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, ns);
         for (size_t i = first[s]; i < first[s + 1]; i++) {
-            sb_puts(&idx, "    ");
-            sb_json_str(&idx, v[i]->name);
-            sb_printf(&idx, ": \"%s\"%s\n", name, i + 1 < w->n ? "," : "");
+            strbuf_puts(&idx, "    ");
+            strbuf_json_str(&idx, v[i]->name);
+            strbuf_printf(&idx, ": \"%s\"%s\n", name, i + 1 < w->n ? "," : "");
         }
     }
-    sb_puts(&idx, "  }\n}\n");
+    strbuf_puts(&idx, "  }\n}\n");
     if (idx.oom) {
         rc = err_set(e, MR_ENOMEM, "%s: out of memory building the index", dir);
         goto done;

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "core/mem.h"
+#include "core/strbuf.h"
 
 /* Upper bounds that keep every derived size far from overflow; generous next to V3. */
 #define MAX_VOCAB (1 << 24)
@@ -919,56 +920,10 @@ int config_validate(const model_config *c, const char *source_name, mr_err *e) {
 /* ---------------------------------------------------------------------------------------------------------- */
 /* Writing */
 
-typedef struct sbuf {
-    char *p;
-    size_t n, cap;
-    bool oom;
-} sbuf;
-
-static void sb_add(sbuf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 1024;
-        while (cap < b->n + n + 1) cap *= 2;
-        char *p = mem_realloc(b->p, cap);
-        if (!p) {
-            b->oom = true;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = '\0';
-}
-
-static void sb_addf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_addf(sbuf *b, const char *fmt, ...) {
-    char tmp[512];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (n < 0) return;
-    sb_add(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
-}
-
-static void sb_json_string(sbuf *b, const char *s) {
-    sb_add(b, "\"", 1);
-    for (; *s; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\') sb_addf(b, "\\%c", ch);
-        else if (ch < 0x20) sb_addf(b, "\\u%04x", ch);
-        else sb_add(b, s, 1);
-    }
-    sb_add(b, "\"", 1);
-}
-
-static void sb_double(sbuf *b, double v) {
+static void sb_double(strbuf *b, double v) {
     char tmp[40];
     fmt_double(tmp, sizeof tmp, v);
-    sb_add(b, tmp, strlen(tmp));
+    strbuf_putn(b, tmp, strlen(tmp));
 }
 
 /* One top-level member: its key and where its rendered value sits in the value buffer. */
@@ -980,7 +935,7 @@ typedef struct entry {
 #define MAX_ENTRIES 64
 
 typedef struct writer {
-    sbuf vals;
+    strbuf vals;
     entry ent[MAX_ENTRIES];
     int n;
     size_t start;
@@ -998,12 +953,12 @@ static void w_end(writer *w) {
 }
 static void w_raw(writer *w, const char *key, const char *text) {
     w_begin(w, key);
-    sb_add(&w->vals, text, strlen(text));
+    strbuf_putn(&w->vals, text, strlen(text));
     w_end(w);
 }
 static void w_int(writer *w, const char *key, int v) {
     w_begin(w, key);
-    sb_addf(&w->vals, "%d", v);
+    strbuf_printf(&w->vals, "%d", v);
     w_end(w);
 }
 static void w_double(writer *w, const char *key, double v) {
@@ -1013,7 +968,7 @@ static void w_double(writer *w, const char *key, double v) {
 }
 static void w_string(writer *w, const char *key, const char *s) {
     w_begin(w, key);
-    sb_json_string(&w->vals, s);
+    strbuf_json_str(&w->vals, s);
     w_end(w);
 }
 
@@ -1023,47 +978,47 @@ static int entry_cmp(const void *a, const void *b) {
 
 static void write_rope_scaling(writer *w, const config_rope_scaling *r) {
     w_begin(w, "rope_scaling");
-    sbuf *b = &w->vals;
+    strbuf *b = &w->vals;
     if (r->type != CONFIG_ROPE_YARN) {
-        sb_addf(b, "null");
+        strbuf_printf(b, "null");
         w_end(w);
         return;
     }
     /* Both spellings of the type: "type" for the DeepSeek remote code, "rope_type" for newer transformers. */
-    sb_addf(b, "{\n    \"beta_fast\": ");
+    strbuf_printf(b, "{\n    \"beta_fast\": ");
     sb_double(b, r->beta_fast);
-    sb_addf(b, ",\n    \"beta_slow\": ");
+    strbuf_printf(b, ",\n    \"beta_slow\": ");
     sb_double(b, r->beta_slow);
-    sb_addf(b, ",\n    \"factor\": ");
+    strbuf_printf(b, ",\n    \"factor\": ");
     sb_double(b, r->factor);
     if (r->mscale != 0) {
-        sb_addf(b, ",\n    \"mscale\": ");
+        strbuf_printf(b, ",\n    \"mscale\": ");
         sb_double(b, r->mscale);
     }
     if (r->mscale_all_dim != 0) {
-        sb_addf(b, ",\n    \"mscale_all_dim\": ");
+        strbuf_printf(b, ",\n    \"mscale_all_dim\": ");
         sb_double(b, r->mscale_all_dim);
     }
-    sb_addf(b, ",\n    \"original_max_position_embeddings\": %d", r->original_max_position_embeddings);
-    sb_addf(b, ",\n    \"rope_type\": \"yarn\",\n    \"type\": \"yarn\"\n  }");
+    strbuf_printf(b, ",\n    \"original_max_position_embeddings\": %d", r->original_max_position_embeddings);
+    strbuf_printf(b, ",\n    \"rope_type\": \"yarn\",\n    \"type\": \"yarn\"\n  }");
     w_end(w);
 }
 
 static void write_quantization(writer *w, const config_quantization *q) {
     if (!q->present) return;
     w_begin(w, "quantization_config");
-    sbuf *b = &w->vals;
-    sb_addf(b, "{\n    \"activation_scheme\": ");
-    sb_json_string(b, q->activation_scheme);
-    sb_addf(b, ",\n    \"fmt\": ");
-    sb_json_string(b, q->fmt);
-    sb_addf(b, ",\n    \"quant_method\": ");
-    sb_json_string(b, q->quant_method);
+    strbuf *b = &w->vals;
+    strbuf_printf(b, "{\n    \"activation_scheme\": ");
+    strbuf_json_str(b, q->activation_scheme);
+    strbuf_printf(b, ",\n    \"fmt\": ");
+    strbuf_json_str(b, q->fmt);
+    strbuf_printf(b, ",\n    \"quant_method\": ");
+    strbuf_json_str(b, q->quant_method);
     if (q->scale_fmt[0]) {
-        sb_addf(b, ",\n    \"scale_fmt\": ");
-        sb_json_string(b, q->scale_fmt);
+        strbuf_printf(b, ",\n    \"scale_fmt\": ");
+        strbuf_json_str(b, q->scale_fmt);
     }
-    sb_addf(b, ",\n    \"weight_block_size\": [\n      %d,\n      %d\n    ]\n  }", q->weight_block_size[0],
+    strbuf_printf(b, ",\n    \"weight_block_size\": [\n      %d,\n      %d\n    ]\n  }", q->weight_block_size[0],
             q->weight_block_size[1]);
     w_end(w);
 }
@@ -1074,7 +1029,7 @@ int config_write_json(const model_config *c, char **out_text, mr_err *e) {
     if (rc) return rc;
     writer w;
     memset(&w, 0, sizeof w);
-    sbuf out = {0};
+    strbuf out = {0};
     bool v3 = c->model_type == CONFIG_DEEPSEEK_V3;
 
     w_raw(&w, "architectures", v3 ? "[\n    \"DeepseekV3ForCausalLM\"\n  ]" : "[\n    \"DeepseekV2ForCausalLM\"\n  ]");
@@ -1099,13 +1054,13 @@ int config_write_json(const model_config *c, char **out_text, mr_err *e) {
     if (c->pad_token_id < 0) w_raw(&w, "pad_token_id", "null");
     else w_int(&w, "pad_token_id", c->pad_token_id);
     w_begin(&w, "eos_token_id");
-    if (c->n_eos_token_id == 0) sb_addf(&w.vals, "null");
-    else if (c->n_eos_token_id == 1 && !c->eos_token_id_is_list) sb_addf(&w.vals, "%d", c->eos_token_id[0]);
+    if (c->n_eos_token_id == 0) strbuf_printf(&w.vals, "null");
+    else if (c->n_eos_token_id == 1 && !c->eos_token_id_is_list) strbuf_printf(&w.vals, "%d", c->eos_token_id[0]);
     else {
-        sb_addf(&w.vals, "[");
+        strbuf_printf(&w.vals, "[");
         for (int i = 0; i < c->n_eos_token_id; i++)
-            sb_addf(&w.vals, "%s\n    %d", i ? "," : "", c->eos_token_id[i]);
-        sb_addf(&w.vals, "\n  ]");
+            strbuf_printf(&w.vals, "%s\n    %d", i ? "," : "", c->eos_token_id[i]);
+        strbuf_printf(&w.vals, "\n  ]");
     }
     w_end(&w);
     write_rope_scaling(&w, &c->rope_scaling);
@@ -1113,13 +1068,13 @@ int config_write_json(const model_config *c, char **out_text, mr_err *e) {
 
     /* HF writes config.json with sorted keys and a 2-space indent; so do we. */
     qsort(w.ent, (size_t)w.n, sizeof w.ent[0], entry_cmp);
-    sb_add(&out, "{\n", 2);
+    strbuf_putn(&out, "{\n", 2);
     for (int i = 0; i < w.n && !w.vals.oom; i++) {
-        sb_addf(&out, "  \"%s\": ", w.ent[i].key);
-        sb_add(&out, w.vals.p + w.ent[i].off, w.ent[i].len);
-        sb_add(&out, i + 1 < w.n ? ",\n" : "\n", i + 1 < w.n ? 2 : 1);
+        strbuf_printf(&out, "  \"%s\": ", w.ent[i].key);
+        strbuf_putn(&out, w.vals.p + w.ent[i].off, w.ent[i].len);
+        strbuf_putn(&out, i + 1 < w.n ? ",\n" : "\n", i + 1 < w.n ? 2 : 1);
     }
-    sb_add(&out, "}\n", 2);
+    strbuf_putn(&out, "}\n", 2);
     mem_free(w.vals.p);
     if (out.oom || w.vals.oom) {
         mem_free(out.p);

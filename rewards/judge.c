@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "core/mem.h"
+#include "core/strbuf.h"
 #include "core/sha256.h"
 #include "model/model.h"
 #include "rewards/reward.h"
@@ -119,35 +120,11 @@ static void cache_put(judge_impl *j, const uint8_t key[32], double score, const 
 
 /* ---- the prompt -------------------------------------------------------------------------------------- */
 
-typedef struct {
-    char *s;
-    size_t n, cap;
-    int oom;
-} dbuf;
-
-static void db_put(dbuf *d, const char *s, size_t n) {
-    if (d->oom) return;
-    if (d->n + n + 1 > d->cap) {
-        size_t cap = (d->cap ? d->cap : 256);
-        while (cap < d->n + n + 1) cap *= 2;
-        char *ns = mem_realloc(d->s, cap);
-        if (!ns) {
-            d->oom = 1;
-            return;
-        }
-        d->s = ns;
-        d->cap = cap;
-    }
-    memcpy(d->s + d->n, s, n);
-    d->n += n;
-    d->s[d->n] = '\0';
-}
-
 static char *fill_template(const char *t, const reward_sample *s) {
-    dbuf d = {0};
+    strbuf d = {0};
     char buf[64];
     const char *ans = reward_row_text(s->row, "answer", buf, sizeof buf);
-    db_put(&d, "", 0);
+    strbuf_putn(&d, "", 0);
     for (const char *p = t; *p;) {
         const char *v = NULL;
         size_t skip = 0;
@@ -155,27 +132,27 @@ static char *fill_template(const char *t, const reward_sample *s) {
         else if (!strncmp(p, "{completion}", 12)) v = s->completion ? s->completion : "", skip = 12;
         else if (!strncmp(p, "{answer}", 8)) v = ans ? ans : "(none given)", skip = 8;
         if (v) {
-            db_put(&d, v, strlen(v));
+            strbuf_putn(&d, v, strlen(v));
             p += skip;
         } else {
-            db_put(&d, p, 1);
+            strbuf_putn(&d, p, 1);
             p++;
         }
     }
     if (d.oom) {
-        mem_free(d.s);
+        mem_free(d.p);
         return NULL;
     }
-    return d.s;
+    return d.p;
 }
 
 /* ---- HTTP -------------------------------------------------------------------------------------------- */
 
 static size_t on_body(char *ptr, size_t size, size_t nmemb, void *ud) {
-    dbuf *d = ud;
+    strbuf *d = ud;
     size_t n = size * nmemb;
     if (d->n + n > REPLY_MAX) return 0; /* too long: abort the transfer */
-    db_put(d, ptr, n);
+    strbuf_putn(d, ptr, n);
     return d->oom ? 0 : n;
 }
 
@@ -303,7 +280,7 @@ static void judge_score(const reward_plugin *p, void *ws, const reward_sample *s
         struct curl_slist *h2 = curl_slist_append(hdr, auth);
         if (h2) hdr = h2;
     }
-    dbuf reply = {0};
+    strbuf reply = {0};
     curl_easy_reset(h);
     curl_easy_setopt(h, CURLOPT_URL, j->endpoint);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdr);
@@ -324,7 +301,7 @@ static void judge_score(const reward_plugin *p, void *ws, const reward_sample *s
     } else if (status < 200 || status >= 300) {
         reward_result_set(out, REWARD_ERROR, 0, "judge endpoint %s: HTTP %ld", j->endpoint, status);
     } else {
-        cJSON *resp = reply.s ? cJSON_Parse(reply.s) : NULL;
+        cJSON *resp = reply.p ? cJSON_Parse(reply.p) : NULL;
         const cJSON *ch = resp ? cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(resp, "choices"), 0) : NULL;
         const cJSON *msg = ch ? cJSON_GetObjectItemCaseSensitive(ch, "message") : NULL;
         const cJSON *content = msg ? cJSON_GetObjectItemCaseSensitive(msg, "content") : NULL;
@@ -339,7 +316,7 @@ static void judge_score(const reward_plugin *p, void *ws, const reward_sample *s
         }
         cJSON_Delete(resp);
     }
-    mem_free(reply.s);
+    mem_free(reply.p);
 }
 
 /* ---- the plugin -------------------------------------------------------------------------------------- */

@@ -6,35 +6,8 @@
 #include <string.h>
 
 #include "core/mem.h"
+#include "core/strbuf.h"
 #include "tokenizer/tokenizer.h"
-
-typedef struct sbuf {
-    char *p;
-    size_t n, cap;
-    int oom;
-} sbuf;
-
-static void sb_addn(sbuf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1) cap *= 2;
-        char *p = mem_realloc(b->p, cap);
-        if (!p) {
-            b->oom = 1;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = '\0';
-}
-
-static void sb_add(sbuf *b, const char *s) {
-    if (s) sb_addn(b, s, strlen(s));
-}
 
 int tok_chat_format_parse(const char *name, tok_chat_format *out, mr_err *e) {
     if (!strcmp(name, "v3") || !strcmp(name, "deepseek-v3")) *out = TOK_CHAT_V3;
@@ -53,12 +26,12 @@ static const char *after_think(const char *s) {
 int tok_chat_render(const tokenizer *t, tok_chat_format fmt, const tok_msg *msgs, size_t n,
                     int add_generation_prompt, char **text, mr_err *e) {
     *text = NULL;
-    sbuf b = {0};
+    strbuf b = {0};
     const char *bos = "<｜begin▁of▁sentence｜>", *eos = "<｜end▁of▁sentence｜>";
     size_t bl = strlen(bos), el = strlen(eos);
     if (t && tok_bos_id(t) >= 0) bos = tok_token_bytes(t, tok_bos_id(t), &bl);
     if (t && tok_eos_id(t) >= 0) eos = tok_token_bytes(t, tok_eos_id(t), &el);
-    sb_addn(&b, bos, bl);
+    strbuf_putn(&b, bos, bl);
     int first_sp = 1;
     for (size_t i = 0; i < n; i++) {
         if (!msgs[i].role) {
@@ -66,8 +39,8 @@ int tok_chat_render(const tokenizer *t, tok_chat_format fmt, const tok_msg *msgs
             return err_set(e, MR_EINVAL, "chat message %zu: no role", i);
         }
         if (strcmp(msgs[i].role, "system")) continue;
-        if (!first_sp) sb_add(&b, "\n\n");
-        sb_add(&b, msgs[i].content);
+        if (!first_sp) strbuf_puts(&b, "\n\n");
+        strbuf_puts(&b, msgs[i].content);
         first_sp = 0;
     }
     int is_tool = 0, output_first = 1;
@@ -76,50 +49,50 @@ int tok_chat_render(const tokenizer *t, tok_chat_format fmt, const tok_msg *msgs
         if (!strcmp(m->role, "system")) continue;
         if (!strcmp(m->role, "user")) {
             is_tool = 0;
-            sb_add(&b, "<｜User｜>");
-            sb_add(&b, m->content);
+            strbuf_puts(&b, "<｜User｜>");
+            strbuf_puts(&b, m->content);
         } else if (!strcmp(m->role, "assistant")) {
             if (m->n_tool_calls) {
-                if (is_tool) sb_add(&b, "<｜tool▁outputs▁end｜>");
+                if (is_tool) strbuf_puts(&b, "<｜tool▁outputs▁end｜>");
                 is_tool = 0;
-                sb_add(&b, "<｜Assistant｜>");
-                if (m->content) sb_add(&b, fmt == TOK_CHAT_R1 ? after_think(m->content) : m->content);
-                sb_add(&b, "<｜tool▁calls▁begin｜>");
+                strbuf_puts(&b, "<｜Assistant｜>");
+                if (m->content) strbuf_puts(&b, fmt == TOK_CHAT_R1 ? after_think(m->content) : m->content);
+                strbuf_puts(&b, "<｜tool▁calls▁begin｜>");
                 for (size_t k = 0; k < m->n_tool_calls; k++) {
                     const tok_tool_call *c = &m->tool_calls[k];
-                    if (k) sb_add(&b, "\n");
-                    sb_add(&b, "<｜tool▁call▁begin｜>");
-                    sb_add(&b, c->type ? c->type : "function");
-                    sb_add(&b, "<｜tool▁sep｜>");
-                    sb_add(&b, c->name);
-                    sb_add(&b, "\n```json\n");
-                    sb_add(&b, c->arguments);
-                    sb_add(&b, "\n```<｜tool▁call▁end｜>");
+                    if (k) strbuf_puts(&b, "\n");
+                    strbuf_puts(&b, "<｜tool▁call▁begin｜>");
+                    strbuf_puts(&b, c->type ? c->type : "function");
+                    strbuf_puts(&b, "<｜tool▁sep｜>");
+                    strbuf_puts(&b, c->name);
+                    strbuf_puts(&b, "\n```json\n");
+                    strbuf_puts(&b, c->arguments);
+                    strbuf_puts(&b, "\n```<｜tool▁call▁end｜>");
                 }
-                sb_add(&b, "<｜tool▁calls▁end｜>");
-                sb_addn(&b, eos, el);
+                strbuf_puts(&b, "<｜tool▁calls▁end｜>");
+                strbuf_putn(&b, eos, el);
             } else {
                 const char *c = m->content ? m->content : "";
                 if (fmt == TOK_CHAT_R1) c = after_think(c);
-                sb_add(&b, is_tool ? "<｜tool▁outputs▁end｜>" : "<｜Assistant｜>");
+                strbuf_puts(&b, is_tool ? "<｜tool▁outputs▁end｜>" : "<｜Assistant｜>");
                 is_tool = 0;
-                sb_add(&b, c);
-                sb_addn(&b, eos, el);
+                strbuf_puts(&b, c);
+                strbuf_putn(&b, eos, el);
             }
         } else if (!strcmp(m->role, "tool")) {
             is_tool = 1;
-            sb_add(&b, output_first ? "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>" : "\n<｜tool▁output▁begin｜>");
+            strbuf_puts(&b, output_first ? "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>" : "\n<｜tool▁output▁begin｜>");
             output_first = 0;
-            sb_add(&b, m->content);
-            sb_add(&b, "<｜tool▁output▁end｜>");
+            strbuf_puts(&b, m->content);
+            strbuf_puts(&b, "<｜tool▁output▁end｜>");
         } else {
             mem_free(b.p);
             return err_set(e, MR_EINVAL, "chat message %zu: role \"%.40s\": expected system, user, assistant or tool",
                            i, m->role);
         }
     }
-    if (is_tool) sb_add(&b, "<｜tool▁outputs▁end｜>");
-    if (add_generation_prompt && !is_tool) sb_add(&b, fmt == TOK_CHAT_R1 ? "<｜Assistant｜><think>\n" : "<｜Assistant｜>");
+    if (is_tool) strbuf_puts(&b, "<｜tool▁outputs▁end｜>");
+    if (add_generation_prompt && !is_tool) strbuf_puts(&b, fmt == TOK_CHAT_R1 ? "<｜Assistant｜><think>\n" : "<｜Assistant｜>");
     if (b.oom) {
         mem_free(b.p);
         return err_set(e, MR_ENOMEM, "out of memory rendering a chat");
@@ -131,29 +104,29 @@ int tok_chat_render(const tokenizer *t, tok_chat_format fmt, const tok_msg *msgs
 int tok_template_render(const char *tmpl, const char *system, const char *prompt, const char *completion,
                         char **text, size_t *completion_at, mr_err *e) {
     *text = NULL;
-    sbuf b = {0};
+    strbuf b = {0};
     size_t at = (size_t)-1;
-    sb_addn(&b, "", 0);
+    strbuf_putn(&b, "", 0);
     for (const char *p = tmpl; *p;) {
         if ((p[0] == '{' && p[1] == '{') || (p[0] == '}' && p[1] == '}')) {
-            sb_addn(&b, p, 1);
+            strbuf_putn(&b, p, 1);
             p += 2;
             continue;
         }
         if (*p != '{') {
             const char *q = p;
             while (*q && *q != '{' && !(q[0] == '}' && q[1] == '}')) q++;
-            sb_addn(&b, p, (size_t)(q - p));
+            strbuf_putn(&b, p, (size_t)(q - p));
             p = q;
             continue;
         }
         const char *close = strchr(p, '}');
         size_t nl = close ? (size_t)(close - p - 1) : 0;
-        if (close && nl == 6 && !strncmp(p + 1, "system", 6)) sb_add(&b, system);
-        else if (close && nl == 6 && !strncmp(p + 1, "prompt", 6)) sb_add(&b, prompt);
+        if (close && nl == 6 && !strncmp(p + 1, "system", 6)) strbuf_puts(&b, system);
+        else if (close && nl == 6 && !strncmp(p + 1, "prompt", 6)) strbuf_puts(&b, prompt);
         else if (close && nl == 10 && !strncmp(p + 1, "completion", 10)) {
             if (at == (size_t)-1) at = b.n;
-            sb_add(&b, completion);
+            strbuf_puts(&b, completion);
         } else {
             mem_free(b.p);
             return err_set(e, MR_EINVAL,
