@@ -118,39 +118,6 @@ Test(model_golden, v2_greedy) { check_case("v2_greedy", MM_DET); }
 
 /* ------------------------------------------------------------------ finite differences, whole model */
 
-/* A tiny config with every option on: q_lora, n_group > 1, YaRN, dense + MoE layers, shared experts, MTP 2. */
-static void fd_config(model_config *c) {
-    config_tiny(c);
-    c->vocab_size = 53;
-    c->hidden_size = 24;
-    c->intermediate_size = 40;
-    c->moe_intermediate_size = 12;
-    c->num_hidden_layers = 3;
-    c->first_k_dense_replace = 1;
-    c->num_attention_heads = 2;
-    c->num_key_value_heads = 2;
-    c->q_lora_rank = 16;
-    c->kv_lora_rank = 12;
-    c->qk_nope_head_dim = 8;
-    c->qk_rope_head_dim = 4;
-    c->v_head_dim = 6;
-    c->n_routed_experts = 8;
-    c->num_experts_per_tok = 2;
-    c->n_group = 4;
-    c->topk_group = 2;
-    c->n_shared_experts = 1;
-    c->num_nextn_predict_layers = 2;
-    c->routed_scaling_factor = 1.5;
-    c->max_position_embeddings = 64;
-    c->rope_scaling.type = CONFIG_ROPE_YARN;
-    c->rope_scaling.factor = 4;
-    c->rope_scaling.original_max_position_embeddings = 4;
-    c->rope_scaling.beta_fast = 32;
-    c->rope_scaling.beta_slow = 1;
-    c->rope_scaling.mscale = 0.707;
-    c->rope_scaling.mscale_all_dim = 0.707;
-}
-
 /* All routing decisions of the latest forward, to detect a perturbation that flips a top-k choice. */
 static void routing_snapshot(const model *m, int32_t *out, size_t *n) {
     size_t k = 0;
@@ -165,7 +132,7 @@ static void routing_snapshot(const model *m, int32_t *out, size_t *n) {
 static void fd_check(int swa) {
     mr_err e = {0};
     model_config c;
-    fd_config(&c);
+    tu_config_all_options(&c);
     if (swa) { /* sliding window of 3 + average-pooled blocks of 2 older tokens */
         c.moerl_swa_window = 3;
         c.moerl_swa_ratio = 2;
@@ -253,7 +220,7 @@ Test(model_grad, finite_differences_sliding_window_compressed) { fd_check(1); }
 Test(model_swa, window_covering_the_batch_equals_full_attention) {
     mr_err e = {0};
     model_config c;
-    fd_config(&c);
+    tu_config_all_options(&c);
     model_params p1, p2;
     params_init(&p1, &c, &e);
     params_init_random(&p1, 3, 0.2f);
@@ -304,7 +271,7 @@ static double weighted_ce(model *m, const model_batch *b, const float *coef, int
 Test(model_grad, policy_gradient_coefficients) {
     mr_err e = {0};
     model_config c;
-    fd_config(&c);
+    tu_config_all_options(&c);
     model_params p;
     cr_assert_eq(params_init(&p, &c, &e), MR_OK, "%s", e.msg);
     params_init_random(&p, 43, 0.3f);

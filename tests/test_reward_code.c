@@ -309,29 +309,7 @@ Test(code_reward, moerl_score_cli) {
 
 #define CODE_UID_BASE 1510000000u /* rewards/code.c UID_BASE */
 
-static int procs_of_code_uids(void) {
-    DIR *d = opendir("/proc");
-    cr_assert_not_null(d);
-    int n = 0;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (!isdigit((unsigned char)de->d_name[0])) continue;
-        char path[300], line[256];
-        snprintf(path, sizeof path, "/proc/%s/status", de->d_name);
-        FILE *f = fopen(path, "r");
-        if (!f) continue;
-        while (fgets(line, sizeof line, f)) {
-            unsigned ru;
-            if (sscanf(line, "Uid: %u", &ru) == 1) {
-                if (ru >= CODE_UID_BASE && ru < CODE_UID_BASE + 4096u) n++;
-                break;
-            }
-        }
-        fclose(f);
-    }
-    closedir(d);
-    return n;
-}
+static int procs_of_code_uids(void) { return tu_procs_of_uids(CODE_UID_BASE, 4096u); }
 
 typedef struct {
     const char *name, *program;

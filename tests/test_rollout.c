@@ -24,35 +24,10 @@
 /* A small DeepSeek-V3: dense layer 0, MoE layers 1-2 (8 experts, K = 2, 4 groups of which 2 kept, a shared
  * expert), YaRN, two MTP modules. Random weights large enough for peaked, varied distributions. */
 static void small_config(model_config *c, int vocab) {
-    config_tiny(c);
+    tu_config_all_options(c);
     c->vocab_size = vocab;
-    c->hidden_size = 24;
-    c->intermediate_size = 40;
-    c->moe_intermediate_size = 12;
-    c->num_hidden_layers = 3;
-    c->first_k_dense_replace = 1;
-    c->num_attention_heads = 2;
-    c->num_key_value_heads = 2;
-    c->q_lora_rank = 16;
-    c->kv_lora_rank = 12;
-    c->qk_nope_head_dim = 8;
-    c->qk_rope_head_dim = 4;
-    c->v_head_dim = 6;
-    c->n_routed_experts = 8;
-    c->num_experts_per_tok = 2;
-    c->n_group = 4;
-    c->topk_group = 2;
-    c->n_shared_experts = 1;
-    c->num_nextn_predict_layers = 2;
-    c->routed_scaling_factor = 1.5;
     c->max_position_embeddings = 128;
-    c->rope_scaling.type = CONFIG_ROPE_YARN;
-    c->rope_scaling.factor = 4;
     c->rope_scaling.original_max_position_embeddings = 16;
-    c->rope_scaling.beta_fast = 32;
-    c->rope_scaling.beta_slow = 1;
-    c->rope_scaling.mscale = 0.707;
-    c->rope_scaling.mscale_all_dim = 0.707;
 }
 
 static void random_params(model_params *p, const model_config *c) {

@@ -50,29 +50,7 @@ static int run_py(const sandbox_config *c, const char *prog, const char *in, san
 }
 
 /* Processes whose real uid is `uid` (when root, each test's programs run as a uid nothing else uses). */
-static int procs_of_uid(uid_t uid) {
-    DIR *d = opendir("/proc");
-    cr_assert_not_null(d);
-    int n = 0;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (!isdigit((unsigned char)de->d_name[0])) continue;
-        char path[300], line[256];
-        snprintf(path, sizeof path, "/proc/%s/status", de->d_name);
-        FILE *f = fopen(path, "r");
-        if (!f) continue;
-        while (fgets(line, sizeof line, f)) {
-            unsigned ru;
-            if (sscanf(line, "Uid: %u", &ru) == 1) {
-                if (ru == uid) n++;
-                break;
-            }
-        }
-        fclose(f);
-    }
-    closedir(d);
-    return n;
-}
+static int procs_of_uid(uid_t uid) { return tu_procs_of_uids((unsigned)uid, 1); }
 
 /* After an attack: nothing left of the sandbox, and a normal program runs normally. */
 static void assert_clean_and_next_ok(uid_t uid) {

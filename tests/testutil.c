@@ -1,10 +1,14 @@
 /* testutil.c: see testutil.h. */
 #include "tests/testutil.h"
+#include <ctype.h>
+#include <dirent.h>
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+
+#include "model/config.h"
 
 char *tu_tmpdir(void) {
     const char *base = getenv("TMPDIR");
@@ -82,4 +86,60 @@ const char *tu_bin(void) {
 const char *tu_src(void) {
     const char *s = getenv("MOERL_SRC");
     return s && *s ? s : ".";
+}
+
+int tu_procs_of_uids(unsigned uid0, unsigned n) {
+    DIR *d = opendir("/proc");
+    if (!d) return -1;
+    int count = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (!isdigit((unsigned char)de->d_name[0])) continue;
+        char path[300], line[256];
+        snprintf(path, sizeof path, "/proc/%s/status", de->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        while (fgets(line, sizeof line, f)) {
+            unsigned ru;
+            if (sscanf(line, "Uid: %u", &ru) == 1) {
+                count += ru >= uid0 && ru - uid0 < n;
+                break;
+            }
+        }
+        fclose(f);
+    }
+    closedir(d);
+    return count;
+}
+
+void tu_config_all_options(model_config *c) {
+    config_tiny(c);
+    c->vocab_size = 53;
+    c->hidden_size = 24;
+    c->intermediate_size = 40;
+    c->moe_intermediate_size = 12;
+    c->num_hidden_layers = 3;
+    c->first_k_dense_replace = 1;
+    c->num_attention_heads = 2;
+    c->num_key_value_heads = 2;
+    c->q_lora_rank = 16;
+    c->kv_lora_rank = 12;
+    c->qk_nope_head_dim = 8;
+    c->qk_rope_head_dim = 4;
+    c->v_head_dim = 6;
+    c->n_routed_experts = 8;
+    c->num_experts_per_tok = 2;
+    c->n_group = 4;
+    c->topk_group = 2;
+    c->n_shared_experts = 1;
+    c->num_nextn_predict_layers = 2;
+    c->routed_scaling_factor = 1.5;
+    c->max_position_embeddings = 64;
+    c->rope_scaling.type = CONFIG_ROPE_YARN;
+    c->rope_scaling.factor = 4;
+    c->rope_scaling.original_max_position_embeddings = 4;
+    c->rope_scaling.beta_fast = 32;
+    c->rope_scaling.beta_slow = 1;
+    c->rope_scaling.mscale = 0.707;
+    c->rope_scaling.mscale_all_dim = 0.707;
 }

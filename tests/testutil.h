@@ -19,4 +19,13 @@ int tu_run(const char *cmdline, char **out);
 const char *tu_bin(void);
 const char *tu_src(void);
 
+/* Processes (from /proc) whose real uid is in [uid0, uid0 + n): what a sandbox left behind. */
+int tu_procs_of_uids(unsigned uid0, unsigned n);
+
+struct model_config;
+/* A tiny DeepSeek-V3 with every option on: dense layer 0, MoE layers 1-2 (8 experts, K = 2, 4 groups of which 2
+ * kept, a shared expert), q_lora, YaRN (factor 4 over 4 original positions), two MTP modules; vocab 53, 64
+ * positions. Tests change what they need after the call. */
+void tu_config_all_options(struct model_config *c);
+
 #endif
