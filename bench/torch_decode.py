@@ -26,6 +26,8 @@ import math
 import sys
 import time
 
+import torch_common  # noqa: E402 (next to this script)
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -63,50 +65,18 @@ def run(cfg, args):
     torch.manual_seed(args.seed)
     torch.set_grad_enabled(False)
 
-    def get(key, default=None):
-        v = cfg.get(key, default)
-        return default if v is None else v
-
-    V, d = cfg["vocab_size"], cfg["hidden_size"]
-    L, H = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    I, Ie = cfg["intermediate_size"], get("moe_intermediate_size", 0)
-    E, K, Ns = get("n_routed_experts", 0), get("num_experts_per_tok", 1), get("n_shared_experts", 0)
-    G, Gtop = get("n_group", 1), get("topk_group", 1)
-    model_type = get("model_type", "deepseek_v3")
-    scoring = get("scoring_func", "sigmoid" if model_type == "deepseek_v3" else "softmax")
-    method = get("topk_method", "noaux_tc" if scoring == "sigmoid" else "greedy")
-    norm_topk = get("norm_topk_prob", model_type == "deepseek_v3")
-    rsf = float(get("routed_scaling_factor", 2.5 if model_type == "deepseek_v3" else 1.0))
-    k_dense, freq = get("first_k_dense_replace", 0), get("moe_layer_freq", 1)
-    rq, rkv = get("q_lora_rank", 0), cfg["kv_lora_rank"]
-    dn, dr, dv = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
-    dqk = dn + dr
-    eps = float(get("rms_norm_eps", 1e-6))
+    c = torch_common.config_dims(cfg)
+    get = c.get
+    V, d, L, H, I, Ie = c.V, c.d, c.L, c.H, c.I, c.Ie
+    E, K, Ns, G, Gtop = c.E, c.K, c.Ns, c.G, c.Gtop
+    scoring, method, norm_topk, rsf, k_dense, freq = c.scoring, c.method, c.norm_topk, c.rsf, c.k_dense, c.freq
+    rq, rkv, dn, dr, dv, dqk, eps = c.rq, c.rkv, c.dn, c.dr, c.dv, c.dqk, c.eps
     P, N = args.prompt, args.new
     cap = P + 2 * N + 1  # prompt, a warm-up step, 2 timed rounds of N
     std = 0.006  # MODEL-SPEC 9.5, as torch_model.py
 
     # ---- RoPE (5.4, interleaved pairs; YaRN frequencies) and softmax scale (5.5), as torch_model.py
-    theta = float(get("rope_theta", 10000.0))
-    rs = cfg.get("rope_scaling") or {}
-    inv = 1.0 / (theta ** (torch.arange(0, dr, 2, dtype=torch.float32) / dr))
-    scale = dqk ** -0.5
-    if rs.get("type", rs.get("rope_type", "default")) == "yarn":
-        s = float(rs["factor"])
-        L0 = rs.get("original_max_position_embeddings", 4096)
-
-        def cd(r):
-            return dr * math.log(L0 / (2 * math.pi * r)) / (2 * math.log(theta))
-
-        low, high = max(math.floor(cd(rs.get("beta_fast", 32))), 0), min(math.ceil(cd(rs.get("beta_slow", 1))), dr - 1)
-        if low == high:
-            high += 0.001
-        ramp = ((torch.arange(dr // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-        inv = inv * (1 - ramp) + inv / s * ramp
-        msa = rs.get("mscale_all_dim") or 0
-        if s > 1 and msa:
-            m = 0.1 * msa * math.log(s) + 1
-            scale *= m * m
+    inv, scale = torch_common.rope_freqs(torch, c)
     ang = torch.outer(torch.arange(cap, dtype=torch.float32), inv)  # (cap, dr/2)
     cos_t, sin_t = ang.cos(), ang.sin()
 
