@@ -458,19 +458,34 @@ __attribute__((target("avx512f"))) static void op_block_avx512(const op_args *p,
     memset(acc, 0, sizeof acc);
     for (int k0 = 0; k0 < p->K; k0 += OP_KB) {
         const int kn = p->K - k0 < OP_KB ? p->K - k0 : OP_KB;
-        for (int mt = 0; mt < nm; mt += OP_MR) /* A(m, k) -> apack[mt/8][k][r] */
-            for (int k = 0; k < kn; k++) {
-                float *dst = apack + (size_t)mt * OP_KB + (size_t)k * OP_MR;
-                const float *src = p->a + (size_t)(k0 + k) * p->sak;
-                for (int r = 0; r < OP_MR; r++) dst[r] = mt + r < nm ? src[(size_t)(m0 + mt + r) * p->sam] : 0.0f;
+        /* A(m, k) -> apack[mt/8][k][r], reading along whichever index is contiguous in memory */
+        for (int mt = 0; mt < nm; mt += OP_MR) {
+            float *dst = apack + (size_t)mt * OP_KB;
+            if (p->sak == 1) {
+                for (int r = 0; r < OP_MR; r++) {
+                    const float *src = p->a + (size_t)(m0 + mt + r) * p->sam + (size_t)k0;
+                    if (mt + r < nm)
+                        for (int k = 0; k < kn; k++) dst[(size_t)k * OP_MR + r] = src[k];
+                    else
+                        for (int k = 0; k < kn; k++) dst[(size_t)k * OP_MR + r] = 0.0f;
+                }
+            } else {
+                for (int k = 0; k < kn; k++) {
+                    const float *src = p->a + (size_t)(k0 + k) * p->sak;
+                    for (int r = 0; r < OP_MR; r++)
+                        dst[(size_t)k * OP_MR + r] = mt + r < nm ? src[(size_t)(m0 + mt + r) * p->sam] : 0.0f;
+                }
             }
-        for (int ns = 0; ns < nn; ns += OP_NR) { /* B(k, n) -> bpack[ns/32][k][j] */
+        }
+        for (int ns = 0; ns < nn; ns += OP_NR) { /* B(k, n) -> bpack[ns/32][k][j], zero-padded past nn */
             const int w = nn - ns < OP_NR ? nn - ns : OP_NR;
-            for (int k = 0; k < kn; k++) {
+            const __mmask16 lo = (__mmask16)(w >= 16 ? 0xffffu : (1u << w) - 1u);
+            const __mmask16 hi = (__mmask16)(w >= 32 ? 0xffffu : w > 16 ? (1u << (w - 16)) - 1u : 0u);
+            for (int k = 0; k < kn; k++) { /* two vector moves: a 128-byte memcpy (rep movs) cost more than the tile */
                 float *dst = bpack + (size_t)ns * OP_KB + (size_t)k * OP_NR;
                 const float *src = p->b + (size_t)(k0 + k) * p->ldb + n0 + ns;
-                memcpy(dst, src, sizeof(float) * (size_t)w);
-                for (int j = w; j < OP_NR; j++) dst[j] = 0.0f;
+                _mm512_storeu_ps(dst, _mm512_maskz_loadu_ps(lo, src));
+                _mm512_storeu_ps(dst + 16, _mm512_maskz_loadu_ps(hi, src + 16));
             }
         }
         for (int ns = 0; ns < nn; ns += OP_NR)
