@@ -5,6 +5,16 @@ import math
 from types import SimpleNamespace
 
 
+def setup(torch, threads, seed):
+    """The thread count the C side uses (intra-op; one inter-op thread) and the seed."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    torch.manual_seed(seed)
+
+
 def config_dims(cfg):
     def get(key, default=None):
         v = cfg.get(key, default)

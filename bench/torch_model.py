@@ -55,12 +55,7 @@ def run(cfg, args):
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(args.threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    torch.manual_seed(args.seed)
+    torch_common.setup(torch, args.threads, args.seed)
     torch.set_default_dtype(torch.float32)
 
     c = torch_common.config_dims(cfg)

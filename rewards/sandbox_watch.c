@@ -377,6 +377,14 @@ static void record(watch_state *w, const char *what) {
     sb_str(&b, what);
 }
 
+/* "<what><call> <path>": the start of a violation's text. */
+static void what_path(sbuf *b, const char *what, const char *call, const char *path) {
+    sb_str(b, what);
+    sb_str(b, call);
+    sb_str(b, " ");
+    sb_str(b, path);
+}
+
 /* A path the call reads: 0 when fine, else EACCES with the violation recorded. */
 static int judge_read(watch_state *w, const char *call, const char *path) {
     char why[WATCH_TEXT];
@@ -385,19 +393,13 @@ static int judge_read(watch_state *w, const char *call, const char *path) {
     pid_t n = proc_pid_of(path, &rest);
     if (n > 0) {
         if (inside(w, n) || !strcmp(rest, "stat") || !strcmp(rest, "status") || !strcmp(rest, "comm")) return 0;
-        sb_str(&b, "access to a process outside the sandbox: ");
-        sb_str(&b, call);
-        sb_str(&b, " ");
-        sb_str(&b, path);
+        what_path(&b, "access to a process outside the sandbox: ", call, path);
         record(w, why);
         return EACCES;
     }
     struct stat st;
     if (path[0] != '/' || strncmp(path, "/proc/", 6) == 0 || stat(path, &st) != 0 || may_read(w, &st)) return 0;
-    sb_str(&b, "read of a file the sandbox may not read: ");
-    sb_str(&b, call);
-    sb_str(&b, " ");
-    sb_str(&b, path);
+    what_path(&b, "read of a file the sandbox may not read: ", call, path);
     sb_str(&b, " (mode ");
     sb_oct(&b, (unsigned)st.st_mode & 07777);
     sb_str(&b, ", owner ");
@@ -413,10 +415,7 @@ static int judge_write(watch_state *w, const char *call, const char *path) {
     if (write_ok(w, path)) return 0;
     char why[WATCH_TEXT];
     sbuf b = {why, sizeof why, 0};
-    sb_str(&b, "write outside the temporary directory: ");
-    sb_str(&b, call);
-    sb_str(&b, " ");
-    sb_str(&b, path);
+    what_path(&b, "write outside the temporary directory: ", call, path);
     record(w, why);
     return EACCES;
 }
