@@ -282,7 +282,7 @@ static void replay_matmul(const plan *p, const rbuf *b, mm_mode mm, int backward
     for (int gi = 0; gi < p->ngrp; gi++) {
         const ggroup *G = &p->grp[backward ? p->ngrp - 1 - gi : gi];
         const int ntask = G->n / G->per_task;
-#pragma omp parallel for schedule(dynamic, 1) if (G->par && ntask > 1)
+#pragma omp parallel for schedule(dynamic, 1) if (G->par && mm == MM_DET && ntask > 1)
         for (int t = 0; t < ntask; t++)
             for (int j = 0; j < G->per_task; j++) {
                 const gemm *q = &p->g[G->first + t * G->per_task + j];
@@ -508,13 +508,15 @@ void bench_config_100m(model_config *c) {
 static void usage_model(FILE *f) {
     fprintf(f,
             "usage: moerl bench model [--config CONFIG.json | --preset tiny | --preset 100m] [--tokens T]\n"
-            "                         [--threads N] [--steps S] [--mm det|fast] [--torch] [--torch-script PATH]\n"
-            "                         [--seed N]\n\n"
+            "                         [--threads N] [--steps S] [--mm det|fast] [--mm-bwd blas|det]\n"
+            "                         [--torch] [--torch-script PATH] [--seed N]\n\n"
             "Times the model's training step (forward with targets, then backward) on one batch of T tokens (one\n"
             "document, random ids; default 512) at N threads (default: all cores): 1 warm-up step, then the median\n"
             "of S timed steps (default 3). Default config: --preset tiny (the quickstart model). Losses: main CE +\n"
-            "MTP (weight 0.3) + balance loss (alpha = the config's aux_loss_alpha). --mm: the model's matmul mode\n"
-            "(default det, the batch-invariant kernel; fast = OpenBLAS).\n\n"
+            "MTP (weight 0.3) + balance loss (alpha = the config's aux_loss_alpha). --mm: the forward's matmul mode\n"
+            "(default det, the batch-invariant kernel; fast = OpenBLAS). --mm-bwd: the backward's GEMMs (default\n"
+            "blas = OpenBLAS, as recipes' run.backward_gemm; det = moerl's fixed-order kernel; --mm fast implies\n"
+            "blas).\n\n"
             "Printed next to the same-run figures of\n"
             "  (a) the sgemm bound: OpenBLAS cblas_sgemm on exactly the step's GEMM shapes (and attention's\n"
             "      products as causal row-block sgemms), nothing else;\n"
@@ -616,7 +618,7 @@ static int bench_model(int argc, char **argv) {
         usage_model(stdout);
         return 0;
     }
-    const char *cfg_path = NULL, *preset = NULL, *mm_s = "det", *script = NULL, *v;
+    const char *cfg_path = NULL, *preset = NULL, *mm_s = "det", *mmb_s = "blas", *script = NULL, *v;
     int T = 512, threads = omp_get_num_procs(), steps = 3, torch = 0, seed = 0;
     for (int i = 1; i < argc; i++) {
         int bad = 0;
@@ -628,6 +630,7 @@ static int bench_model(int argc, char **argv) {
         else if ((v = opt_value(argc, argv, &i, "--steps"))) bad = parse_int(v, 1, 1000, &steps);
         else if ((v = opt_value(argc, argv, &i, "--seed"))) bad = parse_int(v, 0, 1 << 30, &seed);
         else if ((v = opt_value(argc, argv, &i, "--mm"))) mm_s = v;
+        else if ((v = opt_value(argc, argv, &i, "--mm-bwd"))) mmb_s = v;
         else if ((v = opt_value(argc, argv, &i, "--torch-script"))) script = v;
         else if (!strcmp(argv[i], "--torch")) torch = 1;
         else {
@@ -659,6 +662,14 @@ static int bench_model(int argc, char **argv) {
         fprintf(stderr, "moerl bench model: --mm: expected det or fast, got \"%s\"\n", mm_s);
         return 2;
     }
+    mm_mode mm_bwd;
+    if (!strcmp(mmb_s, "blas")) mm_bwd = MM_FAST;
+    else if (!strcmp(mmb_s, "det")) mm_bwd = MM_DET;
+    else {
+        fprintf(stderr, "moerl bench model: --mm-bwd: expected blas or det, got \"%s\"\n", mmb_s);
+        return 2;
+    }
+    if (mm == MM_FAST) mm_bwd = MM_FAST, mmb_s = "blas";
 
     mr_err e = {0};
     model_config c;
@@ -712,7 +723,7 @@ static int bench_model(int argc, char **argv) {
 
     if (params_init(&p, &c, &e)) goto fail;
     params_init_random(&p, (uint64_t)seed, BENCH_STD);
-    model_opts opt = {.mm = mm, .mtp_weight = BENCH_MTP_WEIGHT, .balance_alpha = alpha};
+    model_opts opt = {.mm = mm, .mm_bwd = mm_bwd, .mtp_weight = BENCH_MTP_WEIGHT, .balance_alpha = alpha};
     if (model_init(&m, &p, &opt, T, &e)) goto fail;
     ids = mem_alloc(sizeof *ids * (size_t)T);
     tgt = mem_alloc(sizeof *tgt * (size_t)T);
@@ -735,10 +746,10 @@ static int bench_model(int argc, char **argv) {
     time_t now = time(NULL);
     char date[32];
     strftime(date, sizeof date, "%Y-%m-%d %H:%M", localtime(&now));
-    printf("moerl bench model: %s, T = %d tokens (one document), %d threads, mm %s%s%s; median of %d steps after 1 "
-           "warm-up\n",
+    printf("moerl bench model: %s, T = %d tokens (one document), %d threads, mm %s%s%s, backward GEMMs %s; median of %d "
+           "steps after 1 warm-up\n",
            cfg_name, T, threads, mm_s, mm == MM_DET ? " isa " : "", mm == MM_DET ? isa_name(dense_active_isa()) : "",
-           steps);
+           mmb_s, steps);
     printf("machine: %s, %d cores; %s; %s\n", cpu, omp_get_num_procs(), openblas_get_config(), date);
     const double load0 = load_avg();
     if (threads > omp_get_num_procs())
@@ -769,7 +780,7 @@ static int bench_model(int argc, char **argv) {
     }
     rc = 1;
     /* the GEMMs alone, the model's way; the same with plain sgemm; attention alone, both ways */
-    TIME_STEPS(tg, steps, replay_matmul(&pl, &rb, mm, 0), replay_matmul(&pl, &rb, mm, 1));
+    TIME_STEPS(tg, steps, replay_matmul(&pl, &rb, mm, 0), replay_matmul(&pl, &rb, mm_bwd, 1));
     TIME_STEPS(tb, steps, replay_sgemm(&pl, &rb, 0), replay_sgemm(&pl, &rb, 1));
     TIME_STEPS(tab, steps, replay_attention_sgemm(&pl, &rb, &c, 0), replay_attention_sgemm(&pl, &rb, &c, 1));
     TIME_STEPS(ta, steps, replay_attention_kernel(&pl, &rb, &c, m.scale, 0),
@@ -802,7 +813,7 @@ static int bench_model(int argc, char **argv) {
     printf("\n  %-34s %11s %11s %11s %11s %9s %9s\n", "", "fwd tok/s", "train tok/s", "fwd GFLOP/s",
            "trn GFLOP/s", "fwd ms", "step ms");
     char name[96];
-    snprintf(name, sizeof name, "moerl (mm %s)", mm_s);
+    snprintf(name, sizeof name, "moerl (mm %s, bwd %s)", mm_s, mmb_s);
     print_row(name, T, Ff, tm.fwd, tm.step);
     print_row("(a) sgemm bound (OpenBLAS)", T, Ff, tb.fwd + tab.fwd, tb.step + tab.step);
     if (tr.ok) {
@@ -820,8 +831,9 @@ static int bench_model(int argc, char **argv) {
     const double gshare = tg.step / tm.step, ashare = ta.step / tm.step;
     const double nongemm = 1.0 - gshare, nongemm_f = 1.0 - tg.fwd / tm.fwd;
     printf("\ntime outside GEMMs (method: the step's GEMMs replayed alone, same shapes, counts and order, through\n"
-           "matmul_forward/matmul_backward in mm %s with the step's expert parallelism; share = 1 - GEMM-only / step):\n",
-           mm_s);
+           "matmul_forward in mm %s, matmul_backward in %s, with the step's expert parallelism; share = 1 - GEMM-only /\n"
+           "step):\n",
+           mm_s, mm_bwd == MM_DET ? "mm det" : "OpenBLAS");
     printf("  GEMMs            fwd %8.1f ms   step %8.1f ms   %5.1f%% of the step\n", tg.fwd * 1e3, tg.step * 1e3,
            100 * gshare);
     printf("  attention kernel fwd %8.1f ms   step %8.1f ms   %5.1f%%   (attention_forward/backward alone)\n",

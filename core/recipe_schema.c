@@ -19,6 +19,7 @@
 #define IN(lo, hi) .flags = RF_MIN | RF_MAX, .min = (lo), .max = (hi)
 
 static const char *const device_values[] = {"cpu", "cuda", NULL};
+static const char *const backward_gemm_values[] = {"blas", "det", NULL};
 static const char *const preset_values[] = {"tiny", NULL};
 static const char *const style_values[] = {"hash", "tags", NULL};
 static const char *const task_values[] = {"arithmetic", "countdown", "toolcall", NULL};
@@ -43,6 +44,9 @@ static const recipe_field run_fields[] = {
     {"threads", RT_INT, .def = "0", GE(0), .doc = "CPU threads (0 = all cores)"},
     {"deterministic", RT_BOOL, .def = "true",
      .doc = "batch-invariant kernels with a fixed reduction order (rollout and trainer log-probs agree bit for bit)"},
+    {"backward_gemm", RT_ENUM, .def = "blas", .values = backward_gemm_values,
+     .doc = "GEMMs of the backward pass: blas (OpenBLAS: the same bits at the same thread count) or det (moerl's "
+            "fixed-order kernels: the same bits at any thread count, ~1.6x slower training)"},
     {"log_every", RT_INT, .def = "10", GE(1), .doc = "steps between progress lines (metrics are stored every step)"},
     {"checkpoint_every", RT_INT, .def = "0", GE(0), .doc = "steps between checkpoints (0 = only at the end)"},
     {"keep_checkpoints", RT_INT, .def = "3", GE(0), .doc = "checkpoints kept, newest first (0 = keep all)"},

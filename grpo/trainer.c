@@ -1022,6 +1022,7 @@ int grpo_run(const recipe *r, int resume, int64_t stop_after, mr_err *e) {
         goto fail;
     }
     model_opts mo = {.mm = recipe_bool(r, "run.deterministic") ? MM_DET : MM_FAST,
+                     .mm_bwd = strcmp(recipe_str(r, "run.backward_gemm"), "det") ? MM_FAST : MM_DET,
                      .balance_alpha = (float)recipe_float(r, "grpo.balance_alpha")};
     if ((rc = model_init(&J->m, &p, &mo, T_max, e))) goto fail;
     if (c->loss.beta > 0) {

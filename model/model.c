@@ -194,7 +194,7 @@ int model_init(model *m, model_params *p, const model_opts *opt, int T_max, mr_e
                       : c->topk_method == CONFIG_TOPK_GREEDY ? MOE_TOPK_GREEDY
                                                              : MOE_TOPK_GROUP_LIMITED_GREEDY,
             .norm_topk_prob = c->norm_topk_prob, .routed_scaling_factor = (float)c->routed_scaling_factor,
-            .mm = opt->mm};
+            .mm = opt->mm, .mm_bwd = opt->mm_bwd};
         if ((rc = moe_cfg_check(&m->moe, e))) goto fail;
         if ((rc = moe_work_init(&m->moe_work, &m->moe, T_max, e))) goto fail;
         int n_moe = 0;
@@ -529,7 +529,7 @@ static int block_backward(model *m, int l, float *dres, const float *x, const in
     layer_act *a = &m->acts[l];
     const int d = c->hidden_size, H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     const int dqk = dn + dr, dv = c->v_head_dim, rkv = c->kv_lora_rank, rq = c->q_lora_rank;
-    const mm_mode mm = m->opt.mm;
+    const mm_mode mm = m->opt.mm_bwd;
     const size_t Td = (size_t)T * d;
 
     /* FFN: y = xm + FFN(f) */
@@ -637,7 +637,7 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
     bwd_carve(m, &B);
     float *dres = B.dtmp; /* the residual stream's gradient, (T, d) */
     zero(B.dhfin, (size_t)T * d);
-    BE->matmul_backward(B.dhfin, m->p.g.head, m->logits, m->hfin, m->p.w.head, T, d, V, m->opt.mm);
+    BE->matmul_backward(B.dhfin, m->p.g.head, m->logits, m->hfin, m->p.w.head, T, d, V, m->opt.mm_bwd);
 
     /* MTP modules, deepest first; module k's block output gradient also receives depth k+1's hnorm gradient */
     int D = m->mtp_trained;
@@ -651,7 +651,7 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
         /* dres = d/d hk */
         zero(dres, (size_t)T * d);
         zero(B.df, (size_t)T * d);
-        BE->matmul_backward(B.df, m->p.g.head, t->logits, t->hkn, m->p.w.head, Tk, d, V, m->opt.mm);
+        BE->matmul_backward(B.df, m->p.g.head, t->logits, t->hkn, m->p.w.head, Tk, d, V, m->opt.mm_bwd);
         BE->rmsnorm_backward(dres, g->head_norm, B.df, t->hk, w->head_norm, t->rstd_k, Tk, d);
         if (dnext)
             for (size_t i = 0; i < (size_t)Tk * d; i++) dres[i] += dnext[i];
@@ -659,7 +659,7 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
         if (rc) goto done;
         float *dcatb = B.dcat; /* (Tk, 2d) */
         zero(dcatb, (size_t)Tk * 2 * d);
-        BE->matmul_backward(dcatb, g->eh_proj, dres, t->cat, w->eh_proj, Tk, 2 * d, d, m->opt.mm);
+        BE->matmul_backward(dcatb, g->eh_proj, dres, t->cat, w->eh_proj, Tk, 2 * d, d, m->opt.mm_bwd);
         /* split: [den ; dhn] */
         float *den = B.df, *dhn = B.da;
         for (int i = 0; i < Tk; i++) {

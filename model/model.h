@@ -22,7 +22,11 @@ typedef struct backend backend;
 
 typedef struct model_opts {
     const backend *backend; /* operation table; NULL = the CPU backend */
-    mm_mode mm;          /* MM_DET: batch-invariant GEMMs (default); MM_FAST: OpenBLAS */
+    mm_mode mm;          /* forward GEMMs. MM_DET: batch-invariant (default); MM_FAST: OpenBLAS */
+    mm_mode mm_bwd;      /* backward GEMMs (dX, dW). MM_FAST (the zero default): OpenBLAS, whose bits depend on
+                            the shapes and the thread count only, so a run still repeats bit for bit at the same
+                            thread count; MM_DET: moerl's fixed-order kernels, the same bits at any thread count,
+                            ~1.6x slower training. Log-probs (forward) do not depend on it. */
     float mtp_weight;    /* λ; 0 skips the MTP modules in training */
     float balance_alpha; /* α of the sequence-wise balance loss (main-model MoE layers); 0 = off */
     int attn_naive;      /* 1: keep the non-absorbed training attention even in MM_DET (benchmarks only: the

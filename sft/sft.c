@@ -206,6 +206,7 @@ int sft_run(const recipe *r, int resume, mr_err *e) {
     int T_max = (batch / accum) * max_seq;
     if (T_max < (int)recipe_int(r, "rollout.max_new_tokens") + max_seq) T_max = (int)recipe_int(r, "rollout.max_new_tokens") + max_seq;
     model_opts mo = {.mm = recipe_bool(r, "run.deterministic") ? MM_DET : MM_FAST,
+                     .mm_bwd = strcmp(recipe_str(r, "run.backward_gemm"), "det") ? MM_FAST : MM_DET,
                      .mtp_weight = (float)recipe_float(r, "sft.mtp_weight"),
                      .balance_alpha = (float)recipe_float(r, "sft.balance_alpha")};
     if ((rc = model_init(&J.m, &p, &mo, T_max, e))) goto fail;

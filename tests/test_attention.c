@@ -13,6 +13,7 @@
 #include "core/mem.h"
 #include "core/rng.h"
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/dense.h"
 
 static float *randn(size_t n, uint64_t seed, uint64_t stream, float std) {
     float *x = malloc(n * sizeof *x);
@@ -461,4 +462,40 @@ Test(attention, absorbed_decode_errors) {
     cr_expect_eq(mem_injected_failures(), before + 1);
     cr_expect(strncmp(e.msg, "mla_decode_absorbed: out of memory for ", 39) == 0, "%s", e.msg);
     mla_case_free(&m);
+}
+
+/* The training form: T rows of one document, row t reading the cache's first t + 1 entries, all in one call (rows
+ * tiled together, keys past a row's end zero-weighted) equal each row decoded alone, bit for bit, lse included, on
+ * every ISA path of the dense kernels (which the absorbed form is built from), at 1 and 3 threads. Sizes cross the
+ * 64-key blocks and the 128-column blocks of the accumulation kernel, with lane tails (r_kv = 136). */
+Test(attention, absorbed_tiles_equal_rows_alone_on_every_isa) {
+    enum { T = 150, H = 3, DN = 16, DR = 8, DV = 12, R = 136 };
+    float *w = randn((size_t)H * (DN + DV) * R, 8, 50, 0.2f), *c = randn((size_t)T * R, 8, 51, 1.0f);
+    float *kr = randn((size_t)T * DR, 8, 52, 1.0f), *q = randn((size_t)T * H * (DN + DR), 8, 53, 1.0f);
+    const float **pc = malloc(sizeof(float *) * T), **pk = malloc(sizeof(float *) * T);
+    int32_t *len = malloc(sizeof(int32_t) * T);
+    float *ref = malloc(sizeof(float) * T * H * DV), *got = malloc(sizeof(float) * T * H * DV);
+    float *lref = malloc(sizeof(float) * T * H), *lgot = malloc(sizeof(float) * T * H);
+    for (int t = 0; t < T; t++) pc[t] = c, pk[t] = kr, len[t] = t + 1;
+    mr_err e = {0};
+    for (int t = 0; t < T; t++)
+        cr_assert_eq(mla_decode_absorbed_lse(ref + (size_t)t * H * DV, lref + (size_t)t * H, q + (size_t)t * H * (DN + DR),
+                                             pc, pk, &len[t], w, 1, H, DN, DR, DV, R, 0.2f, &e),
+                     0, "%s", e.msg);
+    static const dense_isa isas[] = {DENSE_ISA_AUTO, DENSE_ISA_GENERIC, DENSE_ISA_AVX2, DENSE_ISA_AVX512};
+    const int saved = omp_get_max_threads();
+    for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++)
+        for (int th = 1; th <= 3; th += 2) {
+            dense_isa prev = dense_force_isa(isas[i]);
+            omp_set_num_threads(th);
+            memset(got, 0xff, sizeof(float) * T * H * DV);
+            cr_assert_eq(mla_decode_absorbed_lse(got, lgot, q, pc, pk, len, w, T, H, DN, DR, DV, R, 0.2f, &e), 0, "%s",
+                         e.msg);
+            omp_set_num_threads(saved);
+            dense_force_isa(prev);
+            cr_expect(memcmp(got, ref, sizeof(float) * T * H * DV) == 0, "isa %d, %d threads: tiled rows differ", (int)isas[i],
+                      th);
+            cr_expect(memcmp(lgot, lref, sizeof(float) * T * H) == 0, "isa %d, %d threads: lse differs", (int)isas[i], th);
+        }
+    free(w), free(c), free(kr), free(q), free(pc), free(pk), free(len), free(ref), free(got), free(lref), free(lgot);
 }

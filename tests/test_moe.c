@@ -29,7 +29,7 @@ static float urand(float lo, float hi) { /* xorshift64*: reproducible test data 
 static moe_cfg mkcfg(int d, int E, int K, int G, int Gt, int Ie, int Is, moe_score_func sf, moe_topk_method m,
                      bool norm, float rsf) {
     moe_cfg c = {.d = d, .E = E, .K = K, .I_e = Ie, .I_s = Is, .n_group = G, .topk_group = Gt, .score = sf,
-                 .method = m, .norm_topk_prob = norm, .routed_scaling_factor = rsf, .mm = MM_DET};
+                 .method = m, .norm_topk_prob = norm, .routed_scaling_factor = rsf, .mm = MM_DET, .mm_bwd = MM_DET};
     return c;
 }
 

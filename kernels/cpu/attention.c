@@ -34,7 +34,6 @@
 #include <string.h>
 
 #include "core/mem.h"
-#include "kernels/cpu/vec4.h"
 
 /* No helper takes a v16f by value (GCC notes an ABI change for 64-byte vector parameters on every build, even
  * for inlined helpers); returning one is fine but warns the same way, which does not matter: nothing here is a
@@ -656,100 +655,4 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout, cons
         run_tasks(path.bwdkv, &a, 0);
     }
     mem_free(xt);
-}
-
-/* ---- absorbed decode (§5.6) ---- */
-
-/* Heads handled together by one decode task (they share each cache block while it is hot in cache). Only speed
- * depends on it: each (b, h) runs the same operations in the same order whatever the grouping. */
-#define DECODE_HEAD_GROUP 8
-
-int mla_decode_absorbed(float *out, const float *q, const float *const *c_kv, const float *const *k_rope,
-                        const int32_t *len, const float *w_kvb, int B, int H, int d_nope, int d_rope, int d_v,
-                        int r_kv, float scale, mr_err *e) {
-    return mla_decode_absorbed_lse(out, NULL, q, c_kv, k_rope, len, w_kvb, B, H, d_nope, d_rope, d_v, r_kv, scale,
-                                   e);
-}
-
-int mla_decode_absorbed_lse(float *out, float *lse, const float *q, const float *const *c_kv,
-                            const float *const *k_rope, const int32_t *len, const float *w_kvb, int B, int H,
-                            int d_nope, int d_rope, int d_v, int r_kv, float scale, mr_err *e) {
-    if (B < 0 || H <= 0 || d_nope <= 0 || d_rope < 0 || d_v <= 0 || r_kv <= 0)
-        return err_set(e, MR_EINVAL,
-                       "mla_decode_absorbed: sizes must be positive, got B=%d H=%d d_nope=%d d_rope=%d d_v=%d r_kv=%d",
-                       B, H, d_nope, d_rope, d_v, r_kv);
-    for (int b = 0; b < B; b++)
-        if (len[b] < 1)
-            return err_set(e, MR_EINVAL, "mla_decode_absorbed: sequence %d: cache length must be >= 1, got %d", b,
-                           (int)len[b]);
-    if (B == 0) return MR_OK;
-    int d_qk = d_nope + d_rope, hs = d_nope + d_v;
-    int G = imin(DECODE_HEAD_GROUP, H), ng = (H + G - 1) / G;
-    int nthr = omp_get_max_threads();
-    size_t per = (size_t)G * 2 * (size_t)r_kv, n;
-    if (size_mul(per, (size_t)nthr, &n) || size_mul(n, sizeof(float), &n))
-        return err_set(e, MR_ENOMEM, "mla_decode_absorbed: scratch size overflows (r_kv=%d)", r_kv);
-    float *scratch = mem_alloc(n);
-    if (!scratch)
-        return err_set(e, MR_ENOMEM, "mla_decode_absorbed: out of memory for %zu bytes of scratch", n);
-
-    #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(nthr) if ((long)B * ng > 1)
-    for (int b = 0; b < B; b++)
-        for (int g = 0; g < ng; g++) {
-            float *qt = scratch + (size_t)omp_get_thread_num() * per; /* (G, r_kv) absorbed queries */
-            float *z = qt + (size_t)G * r_kv;                         /* (G, r_kv) latent accumulators */
-            float m[DECODE_HEAD_GROUP], l[DECODE_HEAD_GROUP], sbuf[DECODE_HEAD_GROUP][ATTN_BLOCK];
-            int h0 = g * G, gn = imin(G, H - h0), S = len[b];
-            const float *cb = c_kv[b], *kb = k_rope[b];
-            /* q̃[h] = W_UK[h]ᵀ q_nope[h]: rows e < d_nope of head h's block of kv_b, summed over e ascending. */
-            for (int hh = 0; hh < gn; hh++) {
-                const float *qn = q + ((size_t)b * H + (size_t)(h0 + hh)) * (size_t)d_qk;
-                const float *wuk = w_kvb + (size_t)(h0 + hh) * (size_t)hs * (size_t)r_kv;
-                float *qth = qt + (size_t)hh * r_kv;
-                memset(qth, 0, (size_t)r_kv * sizeof(float));
-                for (int c = 0; c < d_nope; c++) vec4_axpy(qth, qn[c], wuk + (size_t)c * r_kv, r_kv);
-                memset(z + (size_t)hh * r_kv, 0, (size_t)r_kv * sizeof(float));
-                m[hh] = -INFINITY;
-                l[hh] = 0.0f;
-            }
-            for (int j0 = 0; j0 < S; j0 += ATTN_BLOCK) {
-                int jb = imin(j0 + ATTN_BLOCK, S) - 1;
-                for (int hh = 0; hh < gn; hh++) {
-                    const float *qp = q + ((size_t)b * H + (size_t)(h0 + hh)) * (size_t)d_qk + d_nope;
-                    const float *qth = qt + (size_t)hh * r_kv;
-                    float *zh = z + (size_t)hh * r_kv;
-                    float bm = -INFINITY;
-                    for (int j = j0; j <= jb; j++) {
-                        float s = vec4_dot(qth, cb + (size_t)j * r_kv, r_kv) +
-                                  vec4_dot(qp, kb + (size_t)j * d_rope, d_rope);
-                        s *= scale;
-                        sbuf[hh][j - j0] = s;
-                        if (s > bm) bm = s;
-                    }
-                    if (bm > m[hh]) {
-                        if (m[hh] != -INFINITY) {
-                            float alpha = expf(m[hh] - bm);
-                            l[hh] *= alpha;
-                            vec4_scal(zh, alpha, r_kv);
-                        }
-                        m[hh] = bm;
-                    }
-                    for (int j = j0; j <= jb; j++) {
-                        float p = expf(sbuf[hh][j - j0] - m[hh]);
-                        l[hh] += p;
-                        vec4_axpy(zh, p, cb + (size_t)j * r_kv, r_kv);
-                    }
-                }
-            }
-            /* out[h] = W_UV[h] z[h] / l: rows d_nope.. of head h's block of kv_b. */
-            for (int hh = 0; hh < gn; hh++) {
-                const float *wuv = w_kvb + ((size_t)(h0 + hh) * (size_t)hs + (size_t)d_nope) * (size_t)r_kv;
-                const float *zh = z + (size_t)hh * r_kv;
-                float *oh = out + ((size_t)b * H + (size_t)(h0 + hh)) * (size_t)d_v;
-                for (int c = 0; c < d_v; c++) oh[c] = vec4_dot(wuv + (size_t)c * r_kv, zh, r_kv) / l[hh];
-                if (lse) lse[(size_t)b * H + (size_t)(h0 + hh)] = m[hh] + logf(l[hh]);
-            }
-        }
-    mem_free(scratch);
-    return MR_OK;
 }

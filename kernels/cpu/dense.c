@@ -536,6 +536,20 @@ static void op_run(const op_args *p) {
     }
 }
 
+void dense_det_dot(float *y, int ldy, const float *x, const float *w, int in, int beta, int rows, int cols) {
+    if (rows <= 0 || cols <= 0) return;
+    det_block_for(dense_active_isa())(y, x, w, in, ldy, beta, 0, rows, 0, cols);
+}
+
+void dense_det_acc(float *c, size_t ldc, const float *a, size_t sam, size_t sak, const float *b, size_t ldb, int M,
+                   int N, int K) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    op_block_fn fn = op_block_for(dense_active_isa());
+    const op_args p = {c, a, b, sam, sak, ldb, ldc, M, N, K};
+    for (int m0 = 0; m0 < M; m0 += 64) /* = OP_MB, OP_NB: the largest block op_block takes */
+        for (int n0 = 0; n0 < N; n0 += 128) fn(&p, m0, m0 + 64 < M ? m0 + 64 : M, n0, n0 + 128 < N ? n0 + 128 : N);
+}
+
 /* ------------------------------------------------------------------------------------------------------------ */
 /* matmul dispatch                                                                                              */
 /* ------------------------------------------------------------------------------------------------------------ */

@@ -8,6 +8,7 @@
 #ifndef MOERL_KERNELS_CPU_DENSE_H
 #define MOERL_KERNELS_CPU_DENSE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 typedef enum { MM_FAST = 0, MM_DET = 1 } mm_mode;
@@ -34,6 +35,16 @@ void matmul_backward(float *dx,       // (T, in) or NULL
 void matmul_forward_naive(float *y, const float *x, const float *w, int T, int in, int out, float beta);
 void matmul_backward_naive(float *dx, float *dw, const float *dy, const float *x, const float *w, int T, int in,
                            int out);
+
+/* The MM_DET arithmetic on one tile, single-threaded, for kernels that build their own loops around it (the absorbed
+ * attention, kernels/cpu/attention_absorbed.c). Same bits as the matmuls, on every ISA path:
+ * dense_det_dot: y[r·ldy + c] = (beta ? y[r·ldy + c] : 0) + x_r · w_c for r < rows, c < cols, where x_r = x + r·in,
+ *   w_c = w + c·in and the dot is matmul_forward's MM_DET order (16 lanes, then the tree; y + s when beta = 1).
+ * dense_det_acc: c[m·ldc + n] += Σ_k a[m·sam + k·sak] · b[k·ldb + n] for m < M, n < N: k = 0..K-1 in one fused chain
+ *   from +0 per element, then added (matmul_backward's MM_DET order). */
+void dense_det_dot(float *y, int ldy, const float *x, const float *w, int in, int beta, int rows, int cols);
+void dense_det_acc(float *c, size_t ldc, const float *a, size_t sam, size_t sak, const float *b, size_t ldb, int M,
+                   int N, int K);
 
 /* Which instruction-set path MM_DET uses. DENSE_ISA_AUTO picks the best the CPU supports; the others force a path
  * (for tests and benchmarks; a forced path the CPU lacks falls back to the best supported one below it). All paths

@@ -325,7 +325,7 @@ void moe_gate_backward(float *dx, float *dgate_w, float *dz, const float *dweigh
             for (int i = 0; i < E; i++) ds[i] = s[i] * (ds[i] - dot);
         }
     }
-    matmul_backward(dx, dgate_w, dz, x, gate_w, T, c->d, E, c->mm);
+    matmul_backward(dx, dgate_w, dz, x, gate_w, T, c->d, E, c->mm_bwd);
 }
 
 /* ---- Dispatch --------------------------------------------------------------------------------------------- */
@@ -375,8 +375,8 @@ void moe_combine(float *out, const float *rows, const int32_t *pos, int T, int K
  * pays when each GEMM is too small to thread well (many small experts). Either way each output row and each dW_e is
  * produced by one matmul call over the same rows, and MM_DET promises the same bits whatever the thread count, so
  * the results do not change. Only MM_DET: concurrent OpenBLAS calls would oversubscribe its own threads. */
-static bool experts_side_by_side(const moe_cfg *c, int64_t TK) {
-    if (c->mm != MM_DET || c->E < 2) return false;
+static bool experts_side_by_side(const moe_cfg *c, mm_mode mm, int64_t TK) {
+    if (mm != MM_DET || c->E < 2) return false;
     const double per_expert = (double)TK * c->d * c->I_e / c->E;
     return per_expert < MOE_PAR_EXPERT_WORK;
 }
@@ -394,7 +394,7 @@ int moe_forward(float *out, moe_saved *s, moe_work *w, const float *x, const int
     moe_dispatch_build(s->off, s->order, s->pos, s->load, s->idx, T, K, c->E);
     moe_gather(s->xg, x, s->order, T, K, d);
     /* One GEMM per expert over its contiguous segment of rows (never a GEMV per token). */
-    const bool par = experts_side_by_side(c, TK);
+    const bool par = experts_side_by_side(c, c->mm, TK);
 #pragma omp parallel for schedule(dynamic, 1) if (par)
     for (int ex = 0; ex < c->E; ex++) {
         const int r0 = s->off[ex], n = s->off[ex + 1] - r0;
@@ -430,17 +430,17 @@ void moe_backward(float *dx, const moe_grads *g, moe_work *w, const float *dout,
                   const moe_saved *s, const float *x, const moe_params *p, const moe_cfg *c) {
     const int T = s->T, d = c->d, K = c->K, Ie = c->I_e, Is = c->I_s;
     const int64_t TK = (int64_t)T * K;
-    const bool par = experts_side_by_side(c, TK);
+    const bool par = experts_side_by_side(c, c->mm_bwd, TK);
     assert(T <= w->T_max);
     if (Is > 0) {
         swiglu_forward(w->sh_h, s->sg, s->su, T, Is);
         memset(w->sh_dh, 0, sizeof(float) * (size_t)T * Is);
-        matmul_backward(w->sh_dh, g->sh_down, dout, w->sh_h, p->sh_down, T, Is, d, c->mm);
+        matmul_backward(w->sh_dh, g->sh_down, dout, w->sh_h, p->sh_down, T, Is, d, c->mm_bwd);
         memset(w->sh_dg, 0, sizeof(float) * (size_t)T * Is);
         memset(w->sh_du, 0, sizeof(float) * (size_t)T * Is);
         swiglu_backward(w->sh_dg, w->sh_du, w->sh_dh, s->sg, s->su, T, Is);
-        matmul_backward(dx, g->sh_gate, w->sh_dg, x, p->sh_gate, T, d, Is, c->mm);
-        matmul_backward(dx, g->sh_up, w->sh_du, x, p->sh_up, T, d, Is, c->mm);
+        matmul_backward(dx, g->sh_gate, w->sh_dg, x, p->sh_gate, T, d, Is, c->mm_bwd);
+        matmul_backward(dx, g->sh_up, w->sh_du, x, p->sh_up, T, d, Is, c->mm_bwd);
     }
 
     /* Routed experts. rows_d first holds the output gradient of each sorted row, then its input gradient. */
@@ -457,7 +457,7 @@ void moe_backward(float *dx, const moe_grads *g, moe_work *w, const float *dout,
         const int r0 = s->off[ex], n = s->off[ex + 1] - r0;
         if (n == 0) continue;
         matmul_backward(w->dh + (size_t)r0 * Ie, g->down_proj ? g->down_proj[ex] : NULL, w->rows_d + (size_t)r0 * d,
-                        w->hs + (size_t)r0 * Ie, p->down_proj[ex], n, Ie, d, c->mm);
+                        w->hs + (size_t)r0 * Ie, p->down_proj[ex], n, Ie, d, c->mm_bwd);
     }
     /* dh holds ∂L/∂(g·h): the weight gets ⟨·, h⟩, the activation gets g·(·). */
 #pragma omp parallel for schedule(static) if (TK * Ie >= MOE_PAR_MIN)
@@ -482,9 +482,9 @@ void moe_backward(float *dx, const moe_grads *g, moe_work *w, const float *dout,
         if (n == 0) continue;
         float *dxe = dxg ? dxg + (size_t)r0 * d : NULL;
         matmul_backward(dxe, g->gate_proj ? g->gate_proj[ex] : NULL, w->dhg + (size_t)r0 * Ie,
-                        s->xg + (size_t)r0 * d, p->gate_proj[ex], n, d, Ie, c->mm);
+                        s->xg + (size_t)r0 * d, p->gate_proj[ex], n, d, Ie, c->mm_bwd);
         matmul_backward(dxe, g->up_proj ? g->up_proj[ex] : NULL, w->dhu + (size_t)r0 * Ie, s->xg + (size_t)r0 * d,
-                        p->up_proj[ex], n, d, Ie, c->mm);
+                        p->up_proj[ex], n, d, Ie, c->mm_bwd);
     }
     if (dx) {
 #pragma omp parallel for schedule(static) if (TK * d >= MOE_PAR_MIN)

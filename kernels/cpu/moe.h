@@ -47,7 +47,8 @@ typedef struct moe_cfg {
     moe_topk_method method;
     bool norm_topk_prob;         /* noaux_tc: g = s/(Σ_S s + 1e-20); V2 methods: the same, only when K > 1 */
     float routed_scaling_factor; /* multiplies the routed weights after normalization */
-    mm_mode mm;                  /* matmul mode for every GEMM of the layer */
+    mm_mode mm;                  /* matmul mode of the forward's GEMMs (router, experts, shared experts) */
+    mm_mode mm_bwd;              /* matmul mode of the backward's GEMMs (MM_FAST = OpenBLAS: the zero default) */
 } moe_cfg;
 
 /* Weights of one layer (non-owning). gate_bias = e_score_correction_bias: used only by MOE_TOPK_NOAUX_TC and only

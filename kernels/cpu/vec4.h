@@ -1,6 +1,5 @@
-/* vec4.h: fixed-order 4-float vector helpers shared by the attention kernels (kernels/cpu/attention.c, the absorbed
- * decode; kernels/cpu/attention_swa.c). One copy, so the two files' reductions cannot drift apart: the sliding-window
- * kernel with a window covering the batch reproduces attention_forward's bits only because both use these. */
+/* vec4.h: fixed-order 4-float vector helpers of the sliding-window attention (kernels/cpu/attention_swa.c): its
+ * pooled keys and values are built with them, in an order that depends only on the inputs. */
 #ifndef MOERL_KERNELS_CPU_VEC4_H
 #define MOERL_KERNELS_CPU_VEC4_H
 
