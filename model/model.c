@@ -252,6 +252,18 @@ static int absorbed_attention(const model *m) {
 /* One block: y = x + MLA(norm(x)); y += FFN(norm(y)). x and y (T, d) may not alias. cache (decode, main layers
  * only): row t is the next token of the sequence cached in cache[t]; its latent and RoPE key are appended there and
  * it attends over that cache. cache == NULL: the rows attend over their own documents in the batch. */
+/* Two products: on the CPU through matmul_forward_batch (one parallel region when the rows are few, as in decode;
+ * the same bits as two calls), elsewhere one call each. */
+static void matmul_pair(const model *m, mm_job p, mm_job q) {
+    if (m->be->kind == BACKEND_CPU) {
+        const mm_job j[2] = {p, q};
+        matmul_forward_batch(j, 2, m->opt.mm);
+        return;
+    }
+    BE->matmul_forward(p.y, p.x, p.w, p.T, p.in, p.out, p.beta, m->opt.mm);
+    BE->matmul_forward(q.y, q.x, q.w, q.T, q.in, q.out, q.beta, m->opt.mm);
+}
+
 static int block_forward(model *m, int l, float *y, const float *x, const model_batch *b, const int32_t *pos,
                          int T, model_kv *const *cache, mr_err *e) {
     const model_config *c = &m->p.cfg;
@@ -264,16 +276,15 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
     float *kv = m->scratch; /* (T, r_kv + d_rope) */
 
     BE->rmsnorm_forward(a->a, a->rstd_a, x, w->attn_norm, T, d, eps);
+    /* q_a (or q) and kv_a (§5.3: latent and shared RoPE key) read the same normed rows: one region in decode */
+    matmul_pair(m, (mm_job){rq ? a->cq : a->q, a->a, rq ? w->attn.q_a : w->attn.q, T, d, rq ? rq : H * dqk, 0.0f},
+                (mm_job){kv, a->a, w->attn.kv_a, T, d, rkv + dr, 0.0f});
     if (rq) { /* §5.2 */
-        BE->matmul_forward(a->cq, a->a, w->attn.q_a, T, d, rq, 0, mm);
         BE->rmsnorm_forward(a->cqn, a->rstd_q, a->cq, w->attn.q_a_norm, T, rq, eps);
         BE->matmul_forward(a->q, a->cqn, w->attn.q_b, T, rq, H * dqk, 0, mm);
-    } else {
-        BE->matmul_forward(a->q, a->a, w->attn.q, T, d, H * dqk, 0, mm);
     }
     BE->rope_forward(a->q + dn, pos, T, H, H * dqk, dqk, &m->rope);
-    /* §5.3: latent and shared RoPE key; only the latent is normalized */
-    BE->matmul_forward(kv, a->a, w->attn.kv_a, T, d, rkv + dr, 0, mm);
+    /* only the latent is normalized */
     for (int t = 0; t < T; t++) {
         memcpy(a->lat + (size_t)t * rkv, kv + (size_t)t * (rkv + dr), sizeof(float) * rkv);
         memcpy(a->kpe + (size_t)t * dr, kv + (size_t)t * (rkv + dr) + rkv, sizeof(float) * dr);
@@ -339,8 +350,7 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
         for (size_t i = 0; i < n; i++) y[i] += tmp[i];
     } else {
         const int I = c->intermediate_size;
-        BE->matmul_forward(a->hg, a->f, w->mlp.gate, T, d, I, 0, mm);
-        BE->matmul_forward(a->hu, a->f, w->mlp.up, T, d, I, 0, mm);
+        matmul_pair(m, (mm_job){a->hg, a->f, w->mlp.gate, T, d, I, 0.0f}, (mm_job){a->hu, a->f, w->mlp.up, T, d, I, 0.0f});
         BE->swiglu_forward(a->h, a->hg, a->hu, T, I);
         BE->matmul_forward(y, a->h, w->mlp.down, T, I, d, 1.0f, mm);
     }

@@ -634,3 +634,41 @@ Test(xent, logprob_equals_minus_loss_and_is_batch_invariant) {
     }
     free(lg);
 }
+
+/* matmul_forward_batch: the same bits as one matmul_forward per job, whether it takes the one-region path (few
+ * rows, enough work: the w rows of every job are cut into chunks spread over the threads) or falls back (a job
+ * with many rows), with beta 0 and 1, ragged sizes, on 1 to 3 threads. */
+Test(matmul, forward_batch_equals_one_call_per_job) {
+    enum { NJ = 5 };
+    static const int Ts[2][NJ] = {{1, 3, 1, 8, 2}, {1, 3, 20, 8, 2}};
+    static const int ins[NJ] = {512, 100, 257, 64, 33}, outs[NJ] = {300, 129, 1000, 7, 515};
+    rng_seed(77);
+    for (int v = 0; v < 2; v++) {
+        mm_job jobs[NJ];
+        float *ref[NJ];
+        for (int j = 0; j < NJ; j++) {
+            const int T = Ts[v][j];
+            jobs[j] = (mm_job){rand_buf((size_t)T * outs[j], 1.0f), rand_buf((size_t)T * ins[j], 1.0f),
+                               rand_buf((size_t)outs[j] * ins[j], 1.0f), T, ins[j], outs[j], (float)(j & 1)};
+            ref[j] = copy_buf(jobs[j].y, (size_t)T * outs[j]);
+            matmul_forward(ref[j], jobs[j].x, jobs[j].w, T, ins[j], outs[j], jobs[j].beta, MM_DET);
+        }
+        const int saved = omp_get_max_threads();
+        for (int th = 1; th <= 3; th++) {
+            mm_job run[NJ];
+            for (int j = 0; j < NJ; j++) {
+                run[j] = jobs[j];
+                run[j].y = copy_buf(jobs[j].y, (size_t)jobs[j].T * outs[j]);
+            }
+            omp_set_num_threads(th);
+            matmul_forward_batch(run, NJ, MM_DET);
+            omp_set_num_threads(saved);
+            for (int j = 0; j < NJ; j++) {
+                cr_expect(memcmp(run[j].y, ref[j], sizeof(float) * (size_t)jobs[j].T * outs[j]) == 0,
+                          "variant %d, %d threads: job %d differs from its own matmul_forward", v, th, j);
+                free(run[j].y);
+            }
+        }
+        for (int j = 0; j < NJ; j++) free(jobs[j].y), free((void *)jobs[j].x), free((void *)jobs[j].w), free(ref[j]);
+    }
+}

@@ -37,7 +37,7 @@ typedef struct {
     float scale;
 } abs_args;
 
-/* Per-thread scratch of one tile of RH = R·H queries, head-major (query i = h·R + r). */
+/* Per-thread scratch of one tile of R rows × G heads, head-major (query i = g·R + r). */
 typedef struct {
     float *qt, *qp, *s, *p, *z, *m, *l;
 } abs_scratch;
@@ -58,21 +58,22 @@ static abs_scratch scratch_carve(float *base, int RH, int r_kv, int d_rope) {
     return S;
 }
 
-/* Rows b0..b0+R-1: the same cache, lengths ascending. */
-static void tile(const abs_args *a, const abs_scratch *S, int b0, int R) {
-    const int H = a->H, dn = a->d_nope, dr = a->d_rope, dv = a->d_v, rkv = a->r_kv, dqk = dn + dr, RH = R * H;
+/* Rows b0..b0+R-1 (the same cache, lengths ascending) × heads h0..h0+G-1. */
+static void tile(const abs_args *a, const abs_scratch *S, int b0, int R, int h0, int G) {
+    const int H = a->H, dn = a->d_nope, dr = a->d_rope, dv = a->d_v, rkv = a->r_kv, dqk = dn + dr, RG = R * G;
     const size_t hs = (size_t)(dn + dv) * (size_t)rkv; /* one head's block of kv_b */
     const float *cb = a->c_kv[b0], *kb = a->k_rope[b0];
-    memset(S->qt, 0, sizeof(float) * (size_t)RH * rkv);
-    memset(S->z, 0, sizeof(float) * (size_t)RH * rkv);
-    for (int h = 0; h < H; h++) {
+    memset(S->qt, 0, sizeof(float) * (size_t)RG * rkv);
+    memset(S->z, 0, sizeof(float) * (size_t)RG * rkv);
+    for (int g = 0; g < G; g++) {
+        const int h = h0 + g;
         /* q̃ of head h for the R rows: their q_nope (rows H·d_qk apart) through W_UK[h] */
-        dense_det_acc(S->qt + (size_t)h * R * rkv, (size_t)rkv, a->q + ((size_t)b0 * H + h) * dqk, (size_t)H * dqk, 1,
+        dense_det_acc(S->qt + (size_t)g * R * rkv, (size_t)rkv, a->q + ((size_t)b0 * H + h) * dqk, (size_t)H * dqk, 1,
                       a->w_kvb + (size_t)h * hs, (size_t)rkv, R, rkv, dn);
         for (int r = 0; r < R; r++)
-            memcpy(S->qp + ((size_t)h * R + r) * dr, a->q + ((size_t)(b0 + r) * H + h) * dqk + dn, sizeof(float) * dr);
+            memcpy(S->qp + ((size_t)g * R + r) * dr, a->q + ((size_t)(b0 + r) * H + h) * dqk + dn, sizeof(float) * dr);
     }
-    for (int i = 0; i < RH; i++) S->m[i] = -INFINITY, S->l[i] = 0.0f;
+    for (int i = 0; i < RG; i++) S->m[i] = -INFINITY, S->l[i] = 0.0f;
 
     const int Smax = a->len[b0 + R - 1];
     for (int j0 = 0; j0 < Smax; j0 += ATTN_BLOCK) {
@@ -82,17 +83,17 @@ static void tile(const abs_args *a, const abs_scratch *S, int b0, int R) {
         const int nr = R - r_lo;
         const float *cj = cb + (size_t)j0 * rkv, *kj = kb + (size_t)j0 * dr;
         /* scores of every reaching query against the block's nk keys */
-        for (int h = 0; h < H; h++) {
-            if (r_lo == 0 && h > 0) break; /* all rows reach it: one call covers every head */
-            const int i0 = h * R + r_lo, rows = r_lo == 0 ? RH : nr;
+        for (int g = 0; g < G; g++) {
+            if (r_lo == 0 && g > 0) break; /* all rows reach it: one call covers every head */
+            const int i0 = g * R + r_lo, rows = r_lo == 0 ? RG : nr;
             dense_det_dot(S->s + (size_t)i0 * ATTN_BLOCK, ATTN_BLOCK, S->qt + (size_t)i0 * rkv, cj, rkv, 0, rows, nk);
             if (dr > 0)
                 dense_det_dot(S->s + (size_t)i0 * ATTN_BLOCK, ATTN_BLOCK, S->qp + (size_t)i0 * dr, kj, dr, 1, rows, nk);
         }
         /* online softmax per query, over its own keys of the block */
-        for (int h = 0; h < H; h++)
+        for (int g = 0; g < G; g++)
             for (int r = r_lo; r < R; r++) {
-                const int i = h * R + r, n = imin(a->len[b0 + r] - j0, nk);
+                const int i = g * R + r, n = imin(a->len[b0 + r] - j0, nk);
                 float *s = S->s + (size_t)i * ATTN_BLOCK, *p = S->p + (size_t)i * ATTN_BLOCK;
                 float bm = -INFINITY;
                 for (int u = 0; u < n; u++) {
@@ -117,20 +118,21 @@ static void tile(const abs_args *a, const abs_scratch *S, int b0, int R) {
                 for (int u = n; u < nk; u++) p[u] = 0.0f;
             }
         /* z += p · c over the block */
-        for (int h = 0; h < H; h++) {
-            if (r_lo == 0 && h > 0) break;
-            const int i0 = h * R + r_lo, rows = r_lo == 0 ? RH : nr;
+        for (int g = 0; g < G; g++) {
+            if (r_lo == 0 && g > 0) break;
+            const int i0 = g * R + r_lo, rows = r_lo == 0 ? RG : nr;
             dense_det_acc(S->z + (size_t)i0 * rkv, (size_t)rkv, S->p + (size_t)i0 * ATTN_BLOCK, ATTN_BLOCK, 1, cj,
                           (size_t)rkv, rows, rkv, nk);
         }
     }
     /* out = W_UV[h] z / l, written straight into (B, H, d_v) */
-    for (int h = 0; h < H; h++) {
+    for (int g = 0; g < G; g++) {
+        const int h = h0 + g;
         float *o = a->out + ((size_t)b0 * H + h) * dv;
-        dense_det_dot(o, H * dv, S->z + (size_t)h * R * rkv, a->w_kvb + (size_t)h * hs + (size_t)dn * rkv, rkv, 0, R,
+        dense_det_dot(o, H * dv, S->z + (size_t)g * R * rkv, a->w_kvb + (size_t)h * hs + (size_t)dn * rkv, rkv, 0, R,
                       dv);
         for (int r = 0; r < R; r++) {
-            const int i = h * R + r;
+            const int i = g * R + r;
             float *orow = o + (size_t)r * H * dv;
             for (int c = 0; c < dv; c++) orow[c] /= S->l[i];
             if (a->lse) a->lse[(size_t)(b0 + r) * H + h] = S->m[i] + logf(S->l[i]);
@@ -168,7 +170,10 @@ int mla_decode_absorbed_lse(float *out, float *lse, const float *q, const float 
         start[nt++] = b;
     }
     start[nt] = B;
-    const int nthr = nt > 1 ? omp_get_max_threads() : 1, RH = Rmax * H;
+    /* fewer tiles than threads (decode of one sequence): the heads are split too */
+    const int maxthr = omp_get_max_threads();
+    const int ng = nt >= maxthr ? 1 : imin(H, (maxthr + nt - 1) / nt), G = (H + ng - 1) / ng;
+    const int ntask = nt * ng, nthr = ntask > 1 ? maxthr : 1, RH = Rmax * G;
     size_t per = scratch_floats(RH, r_kv, d_rope), n;
     if (size_mul(per, (size_t)nthr, &n) || size_mul(n, sizeof(float), &n)) {
         mem_free(start);
@@ -182,11 +187,13 @@ int mla_decode_absorbed_lse(float *out, float *lse, const float *q, const float 
     const abs_args a = {.q = q, .c_kv = c_kv, .k_rope = k_rope, .w_kvb = w_kvb, .len = len, .out = out, .lse = lse,
                         .H = H, .d_nope = d_nope, .d_rope = d_rope, .d_v = d_v, .r_kv = r_kv, .scale = scale};
     /* the last tiles have the longest windows: they go first */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthr) if (nt > 1)
-    for (int k = nt - 1; k >= 0; k--) {
-        const int b0 = start[k], R = start[k + 1] - b0;
-        const abs_scratch S = scratch_carve(scratch + (size_t)omp_get_thread_num() * per, R * H, r_kv, d_rope);
-        tile(&a, &S, b0, R);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthr) if (ntask > 1)
+    for (int k = ntask - 1; k >= 0; k--) {
+        const int t = k / ng, h0 = (k % ng) * G, b0 = start[t], R = start[t + 1] - b0;
+        if (h0 >= H) continue;
+        const int g = imin(G, H - h0);
+        const abs_scratch S = scratch_carve(scratch + (size_t)omp_get_thread_num() * per, R * g, r_kv, d_rope);
+        tile(&a, &S, b0, R, h0, g);
     }
     mem_free(scratch);
     mem_free(start);

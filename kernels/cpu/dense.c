@@ -536,6 +536,49 @@ static void op_run(const op_args *p) {
     }
 }
 
+/* Jobs of equal work (whole 8-row multiples of w rows, all x rows of the job) so that a static split gives every
+ * thread the same bytes of w to stream: few rows are bandwidth-bound, and a parallel region per small GEMM costs
+ * more than the GEMM (decode). Many rows: one matmul_forward after another, each threaded itself. */
+void matmul_forward_batch(const mm_job *jobs, int n, mm_mode mode) {
+    int small = mode == MM_DET;
+    double work = 0.0;
+    for (int j = 0; j < n; j++) {
+        assert(jobs[j].T >= 0 && jobs[j].in >= 0 && jobs[j].out >= 0);
+        if (jobs[j].T > 8) small = 0;
+        work += (double)jobs[j].T * jobs[j].in * jobs[j].out;
+    }
+    const int nth = omp_get_max_threads();
+    enum { MAXCH = 512 };
+    if (!small || work < PAR_MIN_WORK || nth == 1 || n > MAXCH) {
+        for (int j = 0; j < n; j++)
+            matmul_forward(jobs[j].y, jobs[j].x, jobs[j].w, jobs[j].T, jobs[j].in, jobs[j].out, jobs[j].beta, mode);
+        return;
+    }
+    struct {
+        short job;
+        int o0, o1;
+    } ch[MAXCH];
+    int nch = 0;
+    const double per = work / (4.0 * nth); /* ~4 chunks per thread */
+    for (int j = 0; j < n; j++) {
+        const mm_job *q = &jobs[j];
+        if (q->T == 0 || q->out == 0) continue;
+        const double row = (double)q->T * (q->in > 0 ? q->in : 1);
+        int ob = (int)(per / row) / 8 * 8;
+        if (ob < 8) ob = 8;
+        const int room = MAXCH - nch - (n - 1 - j); /* >= 1: one chunk kept for each job still to come */
+        if ((q->out + ob - 1) / ob > room) ob = (q->out + room - 1) / room;
+        for (int o0 = 0; o0 < q->out; o0 += ob)
+            ch[nch].job = (short)j, ch[nch].o0 = o0, ch[nch].o1 = o0 + ob < q->out ? o0 + ob : q->out, nch++;
+    }
+    det_block_fn fn = det_block_for(dense_active_isa());
+#pragma omp parallel for schedule(static, 1)
+    for (int k = 0; k < nch; k++) {
+        const mm_job *q = &jobs[ch[k].job];
+        fn(q->y, q->x, q->w, q->in, q->out, q->beta != 0.0f, 0, q->T, ch[k].o0, ch[k].o1);
+    }
+}
+
 void dense_det_dot(float *y, int ldy, const float *x, const float *w, int in, int beta, int rows, int cols) {
     if (rows <= 0 || cols <= 0) return;
     det_block_for(dense_active_isa())(y, x, w, in, ldy, beta, 0, rows, 0, cols);

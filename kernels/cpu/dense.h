@@ -31,6 +31,17 @@ void matmul_backward(float *dx,       // (T, in) or NULL
                      const float *x,  // (T, in)
                      const float *w,  // (out, in)
                      int T, int in, int out, mm_mode mode);
+/* Independent products y = beta * y + x · Wᵀ, one per job (beta 0 or 1, as matmul_forward), in one parallel
+ * region: the same bits as one matmul_forward per job. For decode, where each GEMM is too small to pay for its own
+ * region (q_a with kv_a, an MoE layer's experts side by side). */
+typedef struct mm_job {
+    float *y;
+    const float *x, *w;
+    int T, in, out;
+    float beta;
+} mm_job;
+void matmul_forward_batch(const mm_job *jobs, int n, mm_mode mode);
+
 /* Plain triple-loop references (tests compare against them). */
 void matmul_forward_naive(float *y, const float *x, const float *w, int T, int in, int out, float beta);
 void matmul_backward_naive(float *dx, float *dw, const float *dy, const float *x, const float *w, int T, int in,

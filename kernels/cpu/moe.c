@@ -18,6 +18,8 @@
 #define MOE_PAR_MIN 16384
 /* Below this many multiply-adds per expert GEMM, experts run side by side instead of one after another. */
 #define MOE_PAR_EXPERT_WORK (1 << 20)
+/* At most this many rows (and 8 times as many (token, expert) pairs) take moe_forward_few. */
+#define MOE_FEW_ROWS 8
 
 /* ---- Configuration and buffers ---------------------------------------------------------------------------- */
 
@@ -381,6 +383,56 @@ static bool experts_side_by_side(const moe_cfg *c, mm_mode mm, int64_t TK) {
     return per_expert < MOE_PAR_EXPERT_WORK;
 }
 
+/* moe_forward's experts for a few rows (decode): every expert's gate and up plus the shared ones in one parallel
+ * region, every down in another (matmul_forward_batch), where one region per GEMM would cost more than the GEMMs.
+ * The same arithmetic as the general path: the shared down goes into out first and the routed sum is added to it
+ * (x + y = y + x), so out = (Σ_k rows, slot order) + shared, as moe_combine and then a beta = 1 shared down. */
+static void moe_forward_few(float *out, moe_saved *s, moe_work *w, const float *x, const moe_params *p,
+                            const moe_cfg *c, int T) {
+    const int d = c->d, K = c->K, Ie = c->I_e, Is = c->I_s;
+    const int64_t TK = (int64_t)T * K;
+    mm_job jb[2 * MOE_FEW_ROWS * 8 + 2];
+    int nj = 0;
+    for (int ex = 0; ex < c->E; ex++) {
+        const int r0 = s->off[ex], n = s->off[ex + 1] - r0;
+        if (n == 0) continue;
+        jb[nj++] = (mm_job){s->hg + (size_t)r0 * Ie, s->xg + (size_t)r0 * d, p->gate_proj[ex], n, d, Ie, 0.0f};
+        jb[nj++] = (mm_job){s->hu + (size_t)r0 * Ie, s->xg + (size_t)r0 * d, p->up_proj[ex], n, d, Ie, 0.0f};
+    }
+    if (Is > 0) {
+        jb[nj++] = (mm_job){s->sg, x, p->sh_gate, T, d, Is, 0.0f};
+        jb[nj++] = (mm_job){s->su, x, p->sh_up, T, d, Is, 0.0f};
+    }
+    matmul_forward_batch(jb, nj, c->mm);
+    swiglu_forward(w->h, s->hg, s->hu, (int)TK, Ie);
+    if (Is > 0) swiglu_forward(w->sh_h, s->sg, s->su, T, Is);
+    for (int64_t r = 0; r < TK; r++) {
+        const float g = s->weights[s->order[r]];
+        for (int j = 0; j < Ie; j++) w->hs[(size_t)r * Ie + j] = g * w->h[(size_t)r * Ie + j];
+    }
+    nj = 0;
+    for (int ex = 0; ex < c->E; ex++) {
+        const int r0 = s->off[ex], n = s->off[ex + 1] - r0;
+        if (n == 0) continue;
+        jb[nj++] = (mm_job){w->rows_d + (size_t)r0 * d, w->hs + (size_t)r0 * Ie, p->down_proj[ex], n, Ie, d, 0.0f};
+    }
+    if (Is > 0) jb[nj++] = (mm_job){out, w->sh_h, p->sh_down, T, Is, d, 0.0f};
+    matmul_forward_batch(jb, nj, c->mm);
+    if (Is == 0) {
+        moe_combine(out, w->rows_d, s->pos, T, K, d);
+        return;
+    }
+    for (int t = 0; t < T; t++) {
+        float *o = out + (size_t)t * d;
+        const int32_t *pt = s->pos + (size_t)t * K;
+        for (int j = 0; j < d; j++) {
+            float acc = w->rows_d[(size_t)pt[0] * d + j];
+            for (int k = 1; k < K; k++) acc += w->rows_d[(size_t)pt[k] * d + j];
+            o[j] = acc + o[j];
+        }
+    }
+}
+
 int moe_forward(float *out, moe_saved *s, moe_work *w, const float *x, const int32_t *replay_idx,
                 const moe_params *p, const moe_cfg *c, int T, mr_err *e) {
     if (T < 0 || T > s->T_max || T > w->T_max)
@@ -393,6 +445,10 @@ int moe_forward(float *out, moe_saved *s, moe_work *w, const float *x, const int
     const int64_t TK = (int64_t)T * K;
     moe_dispatch_build(s->off, s->order, s->pos, s->load, s->idx, T, K, c->E);
     moe_gather(s->xg, x, s->order, T, K, d);
+    if (c->mm == MM_DET && T <= MOE_FEW_ROWS && TK <= MOE_FEW_ROWS * 8) {
+        moe_forward_few(out, s, w, x, p, c, T);
+        return MR_OK;
+    }
     /* One GEMM per expert over its contiguous segment of rows (never a GEMV per token). */
     const bool par = experts_side_by_side(c, c->mm, TK);
 #pragma omp parallel for schedule(dynamic, 1) if (par)
