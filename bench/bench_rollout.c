@@ -45,6 +45,7 @@
 
 /* cli/cmd_bench.c: the ~100M preset of `moerl bench model --preset 100m` (one definition, shared) */
 void bench_config_100m(model_config *c);
+void bench_blas_env(char *out, size_t cap);
 
 static double now(void) {
     struct timespec ts;
@@ -342,8 +343,10 @@ static void run_torch_decode(torch_dec *r, const model_config *c, int threads, i
         rmdir(dir);
         return;
     }
-    snprintf(cmd, sizeof cmd, "/usr/bin/python3 '%s' --config '%s' --threads %d --batches 1,16,128 --prompt %d --new %d "
-             "--chunk %d 2>&1", script, cfg, threads, P, N, PREFILL_CHUNK);
+    char env[1100];
+    bench_blas_env(env, sizeof env); /* torch on the same OpenBLAS build as moerl */
+    snprintf(cmd, sizeof cmd, "%s/usr/bin/python3 '%s' --config '%s' --threads %d --batches 1,16,128 --prompt %d --new %d "
+             "--chunk %d 2>&1", env, script, cfg, threads, P, N, PREFILL_CHUNK);
     fflush(stdout);
     FILE *f = popen(cmd, "r");
     char line[8192], json[8192] = "", last[1024] = "";

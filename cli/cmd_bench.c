@@ -11,6 +11,7 @@
  * (to split the non-GEMM time). FLOPs come from the config by one stated formula, so every column divides the same
  * numerator. */
 #include <cblas.h>
+#include <dlfcn.h>
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <omp.h>
@@ -410,10 +411,24 @@ static int find_torch_script(char *out, size_t cap, const char *given) {
     return 0;
 }
 
+/* "LD_LIBRARY_PATH='DIR' " when moerl runs on OpenBLAS's OpenMP build (DIR: where that libopenblas.so.0 was loaded
+ * from), else "": a prefix for the PyTorch baselines' command lines, so that Debian's torch (which takes BLAS from
+ * libblas.so.3, the pthread build by default) runs its GEMMs on the same OpenBLAS build as moerl. With the pthread
+ * build, its threads keep spinning after each call and compete with the OpenMP threads for the cores. */
+void bench_blas_env(char *out, size_t cap);
+void bench_blas_env(char *out, size_t cap) {
+    out[0] = '\0';
+    Dl_info info;
+    if (!strstr(openblas_get_config(), "USE_OPENMP") || !dladdr((void *)cblas_sgemm, &info) || !info.dli_fname) return;
+    const char *slash = strrchr(info.dli_fname, '/');
+    if (!slash || strchr(info.dli_fname, '\'')) return;
+    snprintf(out, cap, "LD_LIBRARY_PATH='%.*s' ", (int)(slash - info.dli_fname), info.dli_fname);
+}
+
 static void run_torch(torch_result *r, const char *script_opt, const char *cfg_path, int T, int threads, int steps,
                       float mtp_weight, float alpha) {
     memset(r, 0, sizeof *r);
-    char script[4096], qs[8300], qc[8300], cmd[17000];
+    char script[4096], qs[8300], qc[8300], cmd[18000];
     if (!find_torch_script(script, sizeof script, script_opt)) {
         if (script_opt)
             snprintf(r->why, sizeof r->why, "--torch-script %.900s: no such file", script_opt);
@@ -425,9 +440,11 @@ static void run_torch(torch_result *r, const char *script_opt, const char *cfg_p
     const char *py = access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3" : "python3";
     shell_quote(qs, sizeof qs, script);
     shell_quote(qc, sizeof qc, cfg_path);
+    char env[1100];
+    bench_blas_env(env, sizeof env);
     snprintf(cmd, sizeof cmd,
-             "%s %s --config %s --tokens %d --threads %d --steps %d --mtp-weight %.9g --balance-alpha %.9g 2>&1", py,
-             qs, qc, T, threads, steps, (double)mtp_weight, (double)alpha);
+             "%s%s %s --config %s --tokens %d --threads %d --steps %d --mtp-weight %.9g --balance-alpha %.9g 2>&1",
+             env, py, qs, qc, T, threads, steps, (double)mtp_weight, (double)alpha);
     fflush(stdout);
     FILE *f = popen(cmd, "r");
     if (!f) {

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(build-essential cmake pkg-config git ca-certificates
       libyaml-dev libsqlite3-dev sqlite3 liblua5.4-dev lua5.4 libcriterion-dev
-      libopenblas-dev libopenmpi-dev openmpi-bin libseccomp-dev libpcre2-dev
+      libopenblas-dev libopenblas-openmp-dev libopenmpi-dev openmpi-bin libseccomp-dev libpcre2-dev
       libcurl4-openssl-dev libcjson-dev python3)
 
 if [ "${MOERL_SKIP_APT:-0}" != 1 ]; then
