@@ -4,6 +4,10 @@
 #include <stdio.h>
 #include <string.h>
 
+#ifdef MOERL_HAVE_CUDA
+#include "kernels/cuda/moe_cuda.h"
+#endif
+
 int backend_get(const char *name, const backend **out, mr_err *e) {
     *out = NULL;
     if (!strcmp(name, "cpu")) {
@@ -38,4 +42,20 @@ int backend_has_model_ops(const backend *b) {
            b->xent_forward_backward && b->rope_forward && b->rope_backward && b->attention_forward &&
            b->attention_backward && b->attention_swa_forward &&
            b->attention_swa_backward && b->moe_forward && b->moe_backward && b->moe_balance_loss;
+}
+
+int backend_moe_saved_init(const backend *b, moe_saved *s, const moe_cfg *c, int T_max, mr_err *e) {
+#ifdef MOERL_HAVE_CUDA
+    if (b->kind == BACKEND_CUDA) return cuda_moe_saved_init(s, c, T_max, e);
+#endif
+    (void)b;
+    return moe_saved_init(s, c, T_max, e);
+}
+
+int backend_moe_work_init(const backend *b, moe_work *w, const moe_cfg *c, int T_max, mr_err *e) {
+#ifdef MOERL_HAVE_CUDA
+    if (b->kind == BACKEND_CUDA) return cuda_moe_work_init(w, c, T_max, e);
+#endif
+    (void)b;
+    return moe_work_init(w, c, T_max, e);
 }

@@ -75,6 +75,12 @@ typedef struct backend {
 /* 1 when every model operation above is implemented. */
 int backend_has_model_ops(const backend *b);
 
+/* moe_saved_init / moe_work_init with the buffers where backend b's moe ops expect them: host memory for the CPU,
+ * device memory for CUDA (kernels/cuda/moe_cuda.h says which fields stay on the host). Free with moe_saved_free /
+ * moe_work_free whatever the backend. */
+int backend_moe_saved_init(const backend *b, moe_saved *s, const moe_cfg *c, int T_max, mr_err *e);
+int backend_moe_work_init(const backend *b, moe_work *w, const moe_cfg *c, int T_max, mr_err *e);
+
 /* The backend named "cpu" or "cuda". MR_EDEVICE when CUDA was not built in or no device is present. */
 int backend_get(const char *name, const backend **out, mr_err *e);
 

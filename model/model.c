@@ -157,6 +157,13 @@ int model_init(model *m, model_params *p, const model_opts *opt, int T_max, mr_e
         rc = err_set(e, MR_EDEVICE, "model: backend '%s' does not implement the model operations", m->be->name);
         goto fail;
     }
+    if (m->be->kind != BACKEND_CPU) { /* the ops exist on CUDA (tests/gpu_model_ops.c); this file's buffers do not */
+        rc = err_set(e, MR_EDEVICE,
+                     "model: the model runs on the CPU backend only for now: its activations and caches are host "
+                     "memory (backend '%s' has the operations, not yet the model around them)",
+                     m->be->name);
+        goto fail;
+    }
     if (c->num_nextn_predict_layers > MODEL_MAX_MTP) {
         rc = err_set(e, MR_ERANGE, "model: num_nextn_predict_layers: expected at most %d, got %d", MODEL_MAX_MTP,
                        c->num_nextn_predict_layers);

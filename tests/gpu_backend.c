@@ -10,6 +10,14 @@
 #ifdef MOERL_HAVE_CUDA
 static const backend *gpu;
 
+/* Criterion runs each test in a fresh worker process that does NOT go through main (Criterion 2.4: a custom main
+ * runs only in the parent): the backend is fetched there again. */
+static void setup(void) {
+    mr_err e = {0};
+    cr_assert_eq(backend_get("cuda", &gpu, &e), MR_OK, "%s", e.msg);
+}
+TestSuite(gpu, .init = setup);
+
 static float *to_host_copy(const float *dev, size_t n) {
     float *h = malloc(n * sizeof *h);
     mr_err e = {0};

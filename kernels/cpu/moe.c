@@ -115,6 +115,10 @@ int moe_saved_init(moe_saved *s, const moe_cfg *c, int T_max, mr_err *e) {
 
 void moe_saved_free(moe_saved *s) {
     if (!s) return;
+    if (s->release) { /* built by another backend (moe.h) */
+        s->release(s);
+        return;
+    }
     mem_free_aligned(s->mem_f);
     mem_free_aligned(s->mem_i);
     memset(s, 0, sizeof *s);
@@ -152,6 +156,10 @@ int moe_work_init(moe_work *w, const moe_cfg *c, int T_max, mr_err *e) {
 
 void moe_work_free(moe_work *w) {
     if (!w) return;
+    if (w->release) { /* built by another backend (moe.h) */
+        w->release(w);
+        return;
+    }
     mem_free_aligned(w->mem);
     memset(w, 0, sizeof *w);
 }

@@ -21,6 +21,10 @@
 #include "core/err.h"
 #include "kernels/cpu/dense.h"
 
+#ifdef __cplusplus
+extern "C" { /* kernels/cuda/moe_cuda.cu calls moe_cfg_check and the free functions */
+#endif
+
 #define MOE_MAX_GROUPS 64 /* n_group limit (V3: 8); lets the router keep its group state on the stack */
 
 typedef enum moe_score_func {
@@ -94,6 +98,10 @@ typedef struct moe_saved {
     float *sg;         /* (T, I_s) shared gate_proj outputs */
     float *su;         /* (T, I_s) shared up_proj outputs */
     void *mem_f, *mem_i; /* the two allocations everything points into */
+    /* Set by another backend's init (kernels/cuda/moe_cuda.h: device buffers; there off and load stay in host
+     * memory, mem_h): moe_saved_free calls it instead of freeing mem_f and mem_i itself. NULL on the CPU. */
+    void *mem_h;
+    void (*release)(struct moe_saved *s);
 } moe_saved;
 
 /* Scratch of forward and backward, not needed between them: one per model (share it across layers), sized for
@@ -113,6 +121,7 @@ typedef struct moe_work {
     float *sh_dg;     /* (T, I_s) */
     float *sh_du;     /* (T, I_s) */
     void *mem;
+    void (*release)(struct moe_work *w); /* as moe_saved.release (NULL on the CPU) */
 } moe_work;
 
 /* Checks sizes and the routing rule: d, E, I_e > 0; 1 <= K <= E; 1 <= n_group <= MOE_MAX_GROUPS dividing E;
@@ -231,5 +240,9 @@ void moe_bias_update(float *bias, const int64_t *load, int E, float gamma);
 /* Load statistics of one layer: *max = max_i c_i, *mean = Σ c / E; returns the max violation (max - mean)/mean
  * (0 when no token was routed). max and mean may be NULL. */
 double moe_load_stats(const int64_t *load, int E, int64_t *max, double *mean);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

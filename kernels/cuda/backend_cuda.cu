@@ -8,7 +8,9 @@
 
 #include "core/rng.h"
 #include "kernels/backend.h"
+#include "kernels/cuda/attention_cuda.h"
 #include "kernels/cuda/dense_cuda.h"
+#include "kernels/cuda/moe_cuda.h"
 
 // One checking macro per library: records file:line and the library's own error string (STYLE.md "Errors").
 #define CUDA_CHECK(call, e)                                                                                    \
@@ -83,8 +85,9 @@ static backend make_cuda_backend() {
     b.sync = cuda_sync;
     b.fill_normal = cuda_fill_normal;
     b.axpy = cuda_axpy;
-    // The dense ops (kernels/cuda/dense_cuda.cu). Attention, SWA attention and MoE are not ported yet: left NULL,
-    // so backend_has_model_ops is 0 and model_init refuses this table with a message naming the backend.
+    // The model's ops: dense (dense_cuda.cu), attention (attention_cuda.cu; sliding-window attention is an entry
+    // that returns MR_EDEVICE "not implemented on CUDA"), MoE (moe_cuda.cu; its moe_saved / moe_work must come from
+    // backend_moe_saved_init / backend_moe_work_init, which put the buffers on the device).
     b.matmul_forward = cuda_matmul_forward;
     b.matmul_backward = cuda_matmul_backward;
     b.rmsnorm_forward = cuda_rmsnorm_forward;
@@ -96,6 +99,13 @@ static backend make_cuda_backend() {
     b.xent_forward_backward = cuda_xent_forward_backward;
     b.rope_forward = cuda_rope_forward;
     b.rope_backward = cuda_rope_backward;
+    b.attention_forward = cuda_attention_forward;
+    b.attention_backward = cuda_attention_backward;
+    b.attention_swa_forward = cuda_attention_swa_forward;
+    b.attention_swa_backward = cuda_attention_swa_backward;
+    b.moe_forward = cuda_moe_forward;
+    b.moe_backward = cuda_moe_backward;
+    b.moe_balance_loss = cuda_moe_balance_loss;
     return b;
 }
 static const backend cuda_backend = make_cuda_backend();

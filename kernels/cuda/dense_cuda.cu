@@ -53,6 +53,10 @@ extern "C" int dense_cuda_take_error(mr_err *e) {
     return code;
 }
 
+extern "C" void dense_cuda_note_error(const char *file, int line, const char *what, const char *why) {
+    note_err(file, line, what, why);
+}
+
 static int use_bf16 = 0;
 
 extern "C" int dense_cuda_set_bf16(int on) {

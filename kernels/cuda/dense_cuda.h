@@ -35,6 +35,9 @@ int dense_cuda_set_bf16(int on);
 
 /* The first error since the last call (MR_OK if none), copied into e and cleared. */
 int dense_cuda_take_error(mr_err *e);
+/* Records a failure (file:line: what: why) for dense_cuda_take_error unless one is already kept: the other
+ * kernels/cuda files report the failures of their void ops through it too. */
+void dense_cuda_note_error(const char *file, int line, const char *what, const char *why);
 /* Frees the cuBLAS handle and scratch buffers (they are created again on demand). */
 void dense_cuda_release(void);
 

@@ -1,0 +1,421 @@
+// attention_cuda.cu: causal (document-masked) softmax attention on the GPU, flash style (see attention_cuda.h).
+//
+// The one idea: a warp's 32 lanes run over 32 keys when scores are formed (lane j: one fused dot product over the
+// head dim, read from shared memory whose key rows are padded by one float so the 32 lanes hit 32 banks) and over
+// 32 output columns when they are accumulated (lane owns columns lane, lane+32, ...; the weight of key j comes by
+// shuffle). So every score and every output element is computed by one lane in an order fixed by the shapes, the
+// kernels need no atomics, and the only T-sized state in global memory is out, lse and D (T·H floats each).
+//
+//   forward      block = (16 query rows, head); walks key tiles of 32 from the first key any of its rows sees
+//                (its smallest doc_start) to its last row; online softmax (Milakov & Gimelshein 2018) per row.
+//   backward D   D[i,h] = dout_i · out_i, one warp per row.
+//   backward kv  block = (16 key rows, head); walks query tiles of 32 from its first key to T−1: lane = query for
+//                p = exp(scale·q·k − lse) and dp = dout·v, then lane = column for dv += p·dout, dk += ds·q with
+//                ds = scale·p·(dp − D) (FlashAttention-2, Dao 2023, Algorithm 2).
+//   backward q   block = (16 query rows, head); the forward's walk, dq += ds·k.
+#include <cuda_runtime.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+
+#include "kernels/cuda/attention_cuda.h"
+#include "kernels/cuda/dense_cuda.h"
+
+#define FULL 0xffffffffu
+#define MAXU (ATTN_CUDA_MAX_DIM / 32) // output columns per lane
+
+#define QB_WARPS 4                      // forward and dq: warps per block
+#define QB_ROWS 4                       // query rows per warp
+#define QB_BQ (QB_WARPS * QB_ROWS)      // query rows per block
+#define QB_THREADS (QB_WARPS * 32)
+#define KB 32                           // keys per tile (one per lane)
+
+#define KV_WARPS 4                      // dk/dv: warps per block
+#define KV_KEYS 4                       // key rows per warp
+#define KV_BK (KV_WARPS * KV_KEYS)      // key rows per block
+#define KV_BQ 32                        // queries per tile (one per lane)
+#define KV_THREADS (KV_WARPS * 32)
+
+#define NOTE(what, why) dense_cuda_note_error(__FILE__, __LINE__, what, why)
+#define NOTE_LAUNCH(name)                                                                                      \
+    do {                                                                                                       \
+        cudaError_t st_ = cudaGetLastError();                                                                  \
+        if (st_ != cudaSuccess) NOTE("launch of " name, cudaGetErrorString(st_));                              \
+    } while (0)
+
+__device__ static float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(FULL, v, o));
+    return v;
+}
+
+// Butterfly: every lane ends with the same bits (each step adds the same two values, commutatively).
+__device__ static float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(FULL, v, o);
+    return v;
+}
+
+// The first key row i sees, clamped into [0, i] (attention.h requires 0 <= doc_start[i] <= i; the CPU asserts it,
+// here a bad value must not make a kernel read outside k and v).
+__device__ static int row_lo(const int32_t *doc, int i) {
+    int lo = doc ? doc[i] : 0;
+    return lo < 0 ? 0 : lo > i ? i : lo;
+}
+
+__device__ static float dot(const float *a, const float *b, int n) {
+    float acc = 0.0f;
+    for (int c = 0; c < n; c++) acc = fmaf(a[c], b[c], acc);
+    return acc;
+}
+
+// dst[r][c] (row stride ld) = src row (r0 + r) of head h, for r < nr, c < d; rows at or past T are zeros.
+__device__ static void stage_rows(float *dst, int ld, const float *src, int r0, int nr, int T, int H, int h, int d) {
+    const size_t rs = (size_t)H * d;
+    for (int x = threadIdx.x; x < nr * d; x += blockDim.x) {
+        const int r = x / d, c = x - r * d, i = r0 + r;
+        dst[r * ld + c] = i < T ? src[(size_t)i * rs + (size_t)h * d + c] : 0.0f;
+    }
+}
+
+// The smallest doc_start of rows i0..i1 (the block's first key), by thread 0.
+__device__ static void first_key(int *out, const int32_t *doc, int i0, int i1) {
+    if (threadIdx.x == 0) {
+        int m = i1;
+        for (int i = i0; i <= i1; i++) m = min(m, row_lo(doc, i));
+        *out = m;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------------------
+
+// Shared: Ks [KB][dqk+1], Vs [KB][dv], Qs [QB_BQ][dqk].
+__global__ static void __launch_bounds__(QB_THREADS)
+attn_fwd_kernel(float *out, float *lse, const float *q, const float *k, const float *v, const int32_t *doc, int T,
+                int H, int dqk, int dv, float scale) {
+    extern __shared__ float sm[];
+    __shared__ int j_first;
+    const int ks = dqk + 1;
+    float *Ks = sm, *Vs = Ks + KB * ks, *Qs = Vs + KB * dv;
+    const int h = blockIdx.y, i0 = blockIdx.x * QB_BQ, i1 = min(T, i0 + QB_BQ) - 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const size_t vs = (size_t)H * dv;
+    stage_rows(Qs, dqk, q, i0, QB_BQ, T, H, h, dqk);
+    first_key(&j_first, doc, i0, i1);
+    int row[QB_ROWS], lo[QB_ROWS];
+    float m[QB_ROWS], l[QB_ROWS], o[QB_ROWS][MAXU];
+#pragma unroll
+    for (int r = 0; r < QB_ROWS; r++) {
+        row[r] = i0 + warp * QB_ROWS + r;
+        lo[r] = row[r] < T ? row_lo(doc, row[r]) : 0;
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int u = 0; u < MAXU; u++) o[r][u] = 0.0f;
+    }
+    __syncthreads();
+    for (int j0 = j_first; j0 <= i1; j0 += KB) { // block-uniform trip count
+        stage_rows(Ks, ks, k, j0, KB, T, H, h, dqk);
+        stage_rows(Vs, dv, v, j0, KB, T, H, h, dv);
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < QB_ROWS; r++) {
+            if (row[r] >= T) continue; // warp-uniform, as every condition guarding a shuffle below
+            const int j = j0 + lane;
+            const bool ok = j >= lo[r] && j <= row[r];
+            float s = -INFINITY;
+            if (ok) s = dot(Qs + (warp * QB_ROWS + r) * dqk, Ks + lane * ks, dqk) * scale;
+            const float bm = warp_max(s);
+            if (bm == -INFINITY) continue; // no key of this tile is in the row's window
+            const float mn = fmaxf(m[r], bm);
+            const float alpha = expf(m[r] - mn); // 0 on the row's first tile (m = −inf, o = l = 0)
+            const float p = ok ? expf(s - mn) : 0.0f;
+            l[r] = l[r] * alpha + warp_sum(p);
+            m[r] = mn;
+#pragma unroll
+            for (int u = 0; u < MAXU; u++) o[r][u] *= alpha;
+            for (int jj = 0; jj < KB; jj++) {
+                const float pj = __shfl_sync(FULL, p, jj);
+                const float *vr = Vs + jj * dv;
+#pragma unroll
+                for (int u = 0; u < MAXU; u++) {
+                    const int e = lane + 32 * u;
+                    if (e < dv) o[r][u] = fmaf(pj, vr[e], o[r][u]);
+                }
+            }
+        }
+        __syncthreads(); // the tile is consumed before the next one overwrites it
+    }
+#pragma unroll
+    for (int r = 0; r < QB_ROWS; r++) {
+        if (row[r] >= T) continue;
+        float *orow = out + (size_t)row[r] * vs + (size_t)h * dv;
+#pragma unroll
+        for (int u = 0; u < MAXU; u++) {
+            const int e = lane + 32 * u;
+            if (e < dv) orow[e] = o[r][u] / l[r]; // l >= 1: the row's own key is always in its window
+        }
+        if (lane == 0) lse[(size_t)row[r] * H + h] = m[r] + logf(l[r]);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------------------
+
+// D[w] = dout_w · out_w for the T·H rows w (one warp each).
+__global__ static void attn_bwd_d_kernel(float *D, const float *dout, const float *out, long rows, int dv) {
+    const long w = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x & 31;
+    if (w >= rows) return; // whole warps return together
+    const float *a = dout + (size_t)w * dv, *b = out + (size_t)w * dv;
+    float acc = 0.0f;
+    for (int e = lane; e < dv; e += 32) acc = fmaf(a[e], b[e], acc);
+    acc = warp_sum(acc);
+    if (lane == 0) D[w] = acc;
+}
+
+// Shared: Qs [KV_BQ][dqk+1], Os [KV_BQ][dv+1] (dout), Ks [KV_BK][dqk], Vs [KV_BK][dv].
+__global__ static void __launch_bounds__(KV_THREADS)
+attn_bwd_kv_kernel(float *dk, float *dv, const float *dout, const float *lse, const float *D, const float *q,
+                   const float *k, const float *v, const int32_t *doc, int T, int H, int dqk, int dvd, float scale) {
+    extern __shared__ float sm[];
+    __shared__ float Ls[KV_BQ], Ds[KV_BQ];
+    __shared__ int los[KV_BQ];
+    const int qsd = dqk + 1, osd = dvd + 1;
+    float *Qs = sm, *Os = Qs + KV_BQ * qsd, *Ks = Os + KV_BQ * osd, *Vs = Ks + KV_BK * dqk;
+    const int h = blockIdx.y, j0 = blockIdx.x * KV_BK;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const bool want_dk = dk != NULL;
+    stage_rows(Ks, dqk, k, j0, KV_BK, T, H, h, dqk);
+    stage_rows(Vs, dvd, v, j0, KV_BK, T, H, h, dvd);
+    float gk[KV_KEYS][MAXU], gv[KV_KEYS][MAXU];
+#pragma unroll
+    for (int kk = 0; kk < KV_KEYS; kk++)
+#pragma unroll
+        for (int u = 0; u < MAXU; u++) gk[kk][u] = gv[kk][u] = 0.0f;
+    for (int i0 = j0; i0 < T; i0 += KV_BQ) { // queries before j0 see none of these keys
+        __syncthreads(); // the previous query tile is consumed (first pass: nothing to wait for but harmless)
+        stage_rows(Qs, qsd, q, i0, KV_BQ, T, H, h, dqk);
+        stage_rows(Os, osd, dout, i0, KV_BQ, T, H, h, dvd);
+        if (threadIdx.x < KV_BQ) {
+            const int i = i0 + threadIdx.x;
+            los[threadIdx.x] = i < T ? row_lo(doc, i) : INT_MAX;
+            Ls[threadIdx.x] = i < T ? lse[(size_t)i * H + h] : 0.0f;
+            Ds[threadIdx.x] = i < T && want_dk ? D[(size_t)i * H + h] : 0.0f;
+        }
+        __syncthreads(); // also publishes Ks, Vs on the first pass
+#pragma unroll
+        for (int kk = 0; kk < KV_KEYS; kk++) {
+            const int jl = warp * KV_KEYS + kk, j = j0 + jl;
+            if (j >= T) continue; // warp-uniform
+            const int i = i0 + lane;
+            const bool ok = i < T && i >= j && los[lane] <= j;
+            if (!__any_sync(FULL, ok)) continue;
+            float p = 0.0f, ds = 0.0f;
+            if (ok) {
+                p = expf(dot(Qs + lane * qsd, Ks + jl * dqk, dqk) * scale - Ls[lane]);
+                if (want_dk) ds = scale * (p * (dot(Os + lane * osd, Vs + jl * dvd, dvd) - Ds[lane]));
+            }
+            for (int ii = 0; ii < KV_BQ; ii++) {
+                const float pi = __shfl_sync(FULL, p, ii), dsi = __shfl_sync(FULL, ds, ii);
+                const float *orow = Os + ii * osd, *qrow = Qs + ii * qsd;
+#pragma unroll
+                for (int u = 0; u < MAXU; u++) {
+                    const int e = lane + 32 * u;
+                    if (e < dvd) gv[kk][u] = fmaf(pi, orow[e], gv[kk][u]);
+                    if (want_dk && e < dqk) gk[kk][u] = fmaf(dsi, qrow[e], gk[kk][u]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int kk = 0; kk < KV_KEYS; kk++) {
+        const int j = j0 + warp * KV_KEYS + kk;
+        if (j >= T) continue;
+#pragma unroll
+        for (int u = 0; u < MAXU; u++) {
+            const int e = lane + 32 * u;
+            if (dv && e < dvd) dv[(size_t)j * H * dvd + (size_t)h * dvd + e] += gv[kk][u];
+            if (dk && e < dqk) dk[(size_t)j * H * dqk + (size_t)h * dqk + e] += gk[kk][u];
+        }
+    }
+}
+
+// Shared: Ks [KB][dqk+1], Vs [KB][dv+1], Qs [QB_BQ][dqk], Os [QB_BQ][dv] (dout).
+__global__ static void __launch_bounds__(QB_THREADS)
+attn_bwd_q_kernel(float *dq, const float *dout, const float *lse, const float *D, const float *q, const float *k,
+                  const float *v, const int32_t *doc, int T, int H, int dqk, int dvd, float scale) {
+    extern __shared__ float sm[];
+    __shared__ int j_first;
+    const int ks = dqk + 1, vsd = dvd + 1;
+    float *Ks = sm, *Vs = Ks + KB * ks, *Qs = Vs + KB * vsd, *Os = Qs + QB_BQ * dqk;
+    const int h = blockIdx.y, i0 = blockIdx.x * QB_BQ, i1 = min(T, i0 + QB_BQ) - 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    stage_rows(Qs, dqk, q, i0, QB_BQ, T, H, h, dqk);
+    stage_rows(Os, dvd, dout, i0, QB_BQ, T, H, h, dvd);
+    first_key(&j_first, doc, i0, i1);
+    int row[QB_ROWS], lo[QB_ROWS];
+    float L[QB_ROWS], Dr[QB_ROWS], acc[QB_ROWS][MAXU];
+#pragma unroll
+    for (int r = 0; r < QB_ROWS; r++) {
+        row[r] = i0 + warp * QB_ROWS + r;
+        const bool in = row[r] < T;
+        lo[r] = in ? row_lo(doc, row[r]) : 0;
+        L[r] = in ? lse[(size_t)row[r] * H + h] : 0.0f;
+        Dr[r] = in ? D[(size_t)row[r] * H + h] : 0.0f;
+#pragma unroll
+        for (int u = 0; u < MAXU; u++) acc[r][u] = 0.0f;
+    }
+    __syncthreads();
+    for (int j0 = j_first; j0 <= i1; j0 += KB) {
+        stage_rows(Ks, ks, k, j0, KB, T, H, h, dqk);
+        stage_rows(Vs, vsd, v, j0, KB, T, H, h, dvd);
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < QB_ROWS; r++) {
+            if (row[r] >= T) continue;
+            const int j = j0 + lane;
+            const bool ok = j >= lo[r] && j <= row[r];
+            if (!__any_sync(FULL, ok)) continue;
+            float ds = 0.0f;
+            if (ok) {
+                const int rl = warp * QB_ROWS + r;
+                const float p = expf(dot(Qs + rl * dqk, Ks + lane * ks, dqk) * scale - L[r]);
+                ds = scale * (p * (dot(Os + rl * dvd, Vs + lane * vsd, dvd) - Dr[r]));
+            }
+            for (int jj = 0; jj < KB; jj++) {
+                const float dsj = __shfl_sync(FULL, ds, jj);
+                const float *kr = Ks + jj * ks;
+#pragma unroll
+                for (int u = 0; u < MAXU; u++) {
+                    const int c = lane + 32 * u;
+                    if (c < dqk) acc[r][u] = fmaf(dsj, kr[c], acc[r][u]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int r = 0; r < QB_ROWS; r++) {
+        if (row[r] >= T) continue;
+        float *dr = dq + (size_t)row[r] * H * dqk + (size_t)h * dqk;
+#pragma unroll
+        for (int u = 0; u < MAXU; u++) {
+            const int c = lane + 32 * u;
+            if (c < dqk) dr[c] += acc[r][u];
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Host side
+// ------------------------------------------------------------------------------------------------------------
+
+static float *d_buf = NULL; // D of the backward (T·H floats)
+static size_t d_cap = 0;
+
+extern "C" void attention_cuda_release(void) {
+    cudaFree(d_buf);
+    d_buf = NULL;
+    d_cap = 0;
+}
+
+static float *scratch_d(size_t n) {
+    if (n > d_cap) {
+        cudaFree(d_buf); // synchronizes: no kernel still reads the old buffer
+        d_buf = NULL;
+        d_cap = 0;
+        cudaError_t st = cudaMalloc(&d_buf, n * sizeof(float));
+        if (st != cudaSuccess) {
+            NOTE("cudaMalloc(attention D)", cudaGetErrorString(st));
+            d_buf = NULL;
+            return NULL;
+        }
+        d_cap = n;
+    }
+    return d_buf;
+}
+
+// Sizes the kernels support; the failure is noted (nothing is written) otherwise.
+static int shapes_ok(const char *what, int H, int d_qk, int d_v) {
+    if (d_qk < 1 || d_v < 1 || d_qk > ATTN_CUDA_MAX_DIM || d_v > ATTN_CUDA_MAX_DIM || H > 65535) {
+        char why[160];
+        snprintf(why, sizeof why, "head dims d_qk=%d d_v=%d must be in 1..%d and H=%d at most 65535", d_qk, d_v,
+                 ATTN_CUDA_MAX_DIM, H);
+        NOTE(what, why);
+        return 0;
+    }
+    return 1;
+}
+
+// Lets kernel fn use `bytes` of dynamic shared memory (above 48 KiB it must opt in).
+template <typename F> static int smem_ok(F *fn, size_t bytes, const char *what) {
+    if (bytes <= 48 * 1024) return 1;
+    cudaError_t st = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    if (st != cudaSuccess) {
+        NOTE(what, cudaGetErrorString(st));
+        return 0;
+    }
+    return 1;
+}
+
+extern "C" void cuda_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                                       const int32_t *doc_start, int T, int H, int d_qk, int d_v, float scale) {
+    if (T <= 0 || H <= 0) return;
+    if (!shapes_ok("attention_forward", H, d_qk, d_v)) return;
+    const size_t bytes = sizeof(float) * ((size_t)KB * (d_qk + 1) + (size_t)KB * d_v + (size_t)QB_BQ * d_qk);
+    if (!smem_ok(attn_fwd_kernel, bytes, "attention_forward: shared memory")) return;
+    dim3 grid((unsigned)((T + QB_BQ - 1) / QB_BQ), (unsigned)H);
+    attn_fwd_kernel<<<grid, QB_THREADS, bytes>>>(out, lse, q, k, v, doc_start, T, H, d_qk, d_v, scale);
+    NOTE_LAUNCH("attention_forward");
+}
+
+extern "C" void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                        const float *lse, const float *q, const float *k, const float *v,
+                                        const int32_t *doc_start, int T, int H, int d_qk, int d_v, float scale) {
+    if (T <= 0 || H <= 0 || (!dq && !dk && !dv)) return;
+    if (!shapes_ok("attention_backward", H, d_qk, d_v)) return;
+    float *D = NULL;
+    if (dq || dk) { // ds needs D; dv alone does not
+        const long rows = (long)T * H;
+        D = scratch_d((size_t)rows);
+        if (!D) return;
+        attn_bwd_d_kernel<<<(unsigned)((rows + 7) / 8), 256>>>(D, dout, out, rows, d_v);
+        NOTE_LAUNCH("attention_backward D");
+    }
+    if (dk || dv) {
+        const size_t bytes = sizeof(float) * ((size_t)KV_BQ * (d_qk + 1) + (size_t)KV_BQ * (d_v + 1) +
+                                              (size_t)KV_BK * d_qk + (size_t)KV_BK * d_v);
+        if (!smem_ok(attn_bwd_kv_kernel, bytes, "attention_backward dk/dv: shared memory")) return;
+        dim3 grid((unsigned)((T + KV_BK - 1) / KV_BK), (unsigned)H);
+        attn_bwd_kv_kernel<<<grid, KV_THREADS, bytes>>>(dk, dv, dout, lse, D, q, k, v, doc_start, T, H, d_qk, d_v,
+                                                        scale);
+        NOTE_LAUNCH("attention_backward dk/dv");
+    }
+    if (dq) {
+        const size_t bytes = sizeof(float) * ((size_t)KB * (d_qk + 1) + (size_t)KB * (d_v + 1) +
+                                              (size_t)QB_BQ * d_qk + (size_t)QB_BQ * d_v);
+        if (!smem_ok(attn_bwd_q_kernel, bytes, "attention_backward dq: shared memory")) return;
+        dim3 grid((unsigned)((T + QB_BQ - 1) / QB_BQ), (unsigned)H);
+        attn_bwd_q_kernel<<<grid, QB_THREADS, bytes>>>(dq, dout, lse, D, q, k, v, doc_start, T, H, d_qk, d_v, scale);
+        NOTE_LAUNCH("attention_backward dq");
+    }
+}
+
+// Sliding-window attention (attention_swa.h) is not ported: the table's entries say so instead of being NULL, so a
+// model configured without a window runs on this backend and one configured with a window fails with this message.
+extern "C" int cuda_attention_swa_forward(float *, float *, const float *, const float *, const float *,
+                                          const int32_t *, int, int, int, int, float, int, int, mr_err *e) {
+    return err_set(e, MR_EDEVICE, "attention_swa_forward: sliding-window attention is not implemented on CUDA "
+                                  "(moerl_swa_window > 0 needs device cpu)");
+}
+
+extern "C" int cuda_attention_swa_backward(float *, float *, float *, const float *, const float *, const float *,
+                                           const float *, const float *, const float *, const int32_t *, int, int,
+                                           int, int, float, int, int, mr_err *e) {
+    return err_set(e, MR_EDEVICE, "attention_swa_backward: sliding-window attention is not implemented on CUDA "
+                                  "(moerl_swa_window > 0 needs device cpu)");
+}

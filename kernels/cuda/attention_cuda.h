@@ -1,0 +1,50 @@
+/* attention_cuda.h: the attention ops of the backend table on a CUDA device (kernels/cuda/attention_cuda.cu).
+ *
+ * Every pointer is DEVICE memory. Layouts, masking (causal, doc_start) and semantics are those of
+ * kernels/cpu/attention.h: q, k (T, H, d_qk), v, out (T, H, d_v), lse (T, H) = log Σ exp(scale·q·k) per row,
+ * doc_start (T) or NULL. Forward overwrites out and lse; backward ACCUMULATES into dq, dk, dv, any of which may be
+ * NULL (not wanted).
+ *
+ * The one idea: FlashAttention-2 (Dao 2023) in fp32. The forward streams key/value tiles through shared memory
+ * with an online softmax per query row; the backward recomputes p = exp(scale·q·k − lse) tile by tile, once in a
+ * kernel that owns key rows (dk, dv summed over queries) and once in a kernel that owns query rows (dq summed over
+ * keys), after a kernel forming D = rowsum(dout ∘ out). Every output element is owned by one lane and summed in an
+ * order fixed by the shapes: deterministic, no atomics; nothing T×T ever reaches global memory. Not the CPU's
+ * bits (its exp polynomial and 16-lane dot products are not replayed): parity is to fp32 rounding.
+ *
+ * Limits: d_qk, d_v <= ATTN_CUDA_MAX_DIM (a larger head dim is reported through dense_cuda_take_error and nothing
+ * is written). Sliding-window attention (attention_swa.h) is not implemented on CUDA: its entries return
+ * MR_EDEVICE saying so. */
+#ifndef MOERL_KERNELS_CUDA_ATTENTION_CUDA_H
+#define MOERL_KERNELS_CUDA_ATTENTION_CUDA_H
+
+#include <stdint.h>
+
+#include "core/err.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define ATTN_CUDA_MAX_DIM 256
+
+void cuda_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                            const int32_t *doc_start, int T, int H, int d_qk, int d_v, float scale);
+void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out, const float *lse,
+                             const float *q, const float *k, const float *v, const int32_t *doc_start, int T, int H,
+                             int d_qk, int d_v, float scale);
+int cuda_attention_swa_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                               const int32_t *doc_start, int T, int H, int d_qk, int d_v, float scale, int window,
+                               int ratio, mr_err *e);
+int cuda_attention_swa_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                const float *lse, const float *q, const float *k, const float *v,
+                                const int32_t *doc_start, int T, int H, int d_qk, int d_v, float scale, int window,
+                                int ratio, mr_err *e);
+/* Frees the kernels' scratch (D of the backward); it is allocated again on demand. */
+void attention_cuda_release(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
