@@ -321,7 +321,9 @@ static int find_src(const char *rel, char *out, size_t cap) {
 
 static int find_script(char *out, size_t cap) { return find_src("bench/torch_decode.py", out, cap); }
 
-static void run_torch_decode(torch_dec *r, const model_config *c, int threads, int P, int N) {
+/* env: "" (Debian's torch as installed: libblas.so.3 = OpenBLAS's pthread build, the default alternative) or
+ * bench_blas_env's LD_LIBRARY_PATH prefix (the OpenMP build moerl links). */
+static void run_torch_decode(torch_dec *r, const model_config *c, int threads, int P, int N, const char *env) {
     memset(r, 0, sizeof *r);
     char script[2048], dir[] = "/tmp/bench_rollout.XXXXXX", cfg[2100], cmd[8192];
     if (!find_script(script, sizeof script)) {
@@ -343,8 +345,6 @@ static void run_torch_decode(torch_dec *r, const model_config *c, int threads, i
         rmdir(dir);
         return;
     }
-    char env[1100];
-    bench_blas_env(env, sizeof env); /* torch on the same OpenBLAS build as moerl */
     snprintf(cmd, sizeof cmd, "%s/usr/bin/python3 '%s' --config '%s' --threads %d --batches 1,16,128 --prompt %d --new %d "
              "--chunk %d 2>&1", env, script, cfg, threads, P, N, PREFILL_CHUNK);
     fflush(stdout);
@@ -435,14 +435,42 @@ static void bench_config(const char *name, const model_config *c, int threads, d
         printf("   moerl MM_FAST batch %3d: prefill %9.0f tok/s   decode %9.1f tok/s\n", Bs[i], pre[1][i], dec[1][i]);
         fflush(stdout);
     }
-    torch_dec td;
-    if (torch) run_torch_decode(&td, c, threads, P, N);
-    else snprintf(td.why, sizeof td.why, "not run (mode without torch)"), td.ok = 0;
-    for (int i = 0; i < 3 && td.ok; i++)
-        printf("   PyTorch       batch %3d: prefill %9.0f tok/s   decode %9.1f tok/s\n", Bs[i], td.prefill[i],
-               td.decode[i]);
-    if (td.ok) printf("   (PyTorch %s, %d threads, KV cache: %s)\n", td.version, threads, td.cache);
-    else printf("   PyTorch: skipped: %s\n", td.why);
+    /* PyTorch twice: as Debian installs it (OpenBLAS pthread build) and on the OpenMP build moerl links (its
+     * threads then stop competing with torch's own OpenMP threads: several times faster at small batches). The
+     * ratios below are against the faster of the two, batch by batch. */
+    torch_dec tv[2], td;
+    char envs[2][1100];
+    envs[0][0] = '\0';
+    bench_blas_env(envs[1], sizeof envs[1]);
+    static const char *const tname[2] = {"PyTorch pthrd", "PyTorch omp  "};
+    memset(&td, 0, sizeof td);
+    for (int v = 0; v < 2; v++) {
+        memset(&tv[v], 0, sizeof tv[v]);
+        if (!torch) {
+            snprintf(tv[v].why, sizeof tv[v].why, "not run (mode without torch)");
+            continue;
+        }
+        if (v == 1 && !envs[1][0]) {
+            snprintf(tv[v].why, sizeof tv[v].why, "moerl does not run on OpenBLAS's OpenMP build here");
+            continue;
+        }
+        run_torch_decode(&tv[v], c, threads, P, N, envs[v]);
+        for (int i = 0; i < 3 && tv[v].ok; i++)
+            printf("   %s batch %3d: prefill %9.0f tok/s   decode %9.1f tok/s\n", tname[v], Bs[i], tv[v].prefill[i],
+                   tv[v].decode[i]);
+        if (!tv[v].ok) printf("   %s: skipped: %s\n", tname[v], tv[v].why);
+        if (!tv[v].ok) continue;
+        if (!td.ok) td = tv[v];
+        for (int i = 0; i < 3; i++) {
+            if (tv[v].decode[i] > td.decode[i]) td.decode[i] = tv[v].decode[i];
+            if (tv[v].prefill[i] > td.prefill[i]) td.prefill[i] = tv[v].prefill[i];
+        }
+    }
+    if (td.ok)
+        printf("   (PyTorch %s, %d threads, KV cache: %s; pthrd = libblas.so.3 as Debian installs it, OpenBLAS's "
+               "pthread build; omp = OpenBLAS's OpenMP build, as moerl; ratios below use the faster, batch by batch)\n",
+               td.version, threads, td.cache);
+    else printf("   PyTorch: skipped: %s\n", tv[0].why);
     const double bw = bw_near > bw_gbs ? bw_near : bw_gbs, bound = bw * 1e9 / wbytes;
     printf("   bandwidth bound, batch 1: %.1f GB/s / %.1f MB per token = %.1f tok/s (decode step: %.1f GB/s of weights)\n",
            bw, wbytes * 1e-6, bound, dec[0][0] * wbytes * 1e-9);

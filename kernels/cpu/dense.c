@@ -455,7 +455,8 @@ __attribute__((target("avx512f"))) static void op_block_avx512(const op_args *p,
     float acc[OP_MB * OP_NB], apack[OP_MB * OP_KB], bpack[OP_NB * OP_KB];
     const int nm = m1 - m0, nn = n1 - n0;
     assert(nm <= OP_MB && nn <= OP_NB);
-    memset(acc, 0, sizeof acc);
+    /* the rows the register tiles touch (whole tiles of 8): a 32 KB memset per call costs more than a small block */
+    memset(acc, 0, sizeof(float) * (size_t)((nm + OP_MR - 1) / OP_MR * OP_MR) * OP_NB);
     for (int k0 = 0; k0 < p->K; k0 += OP_KB) {
         const int kn = p->K - k0 < OP_KB ? p->K - k0 : OP_KB;
         /* A(m, k) -> apack[mt/8][k][r], reading along whichever index is contiguous in memory */
@@ -505,6 +506,15 @@ __attribute__((target("avx512f"))) static void op_block_avx512(const op_args *p,
         const float *ar = acc + (size_t)r * OP_NB;
         for (int j = 0; j < nn; j++) cr[j] += ar[j];
     }
+}
+#endif
+
+#if DENSE_X86
+/* A few rows of C: packing B (a page per row of a wide weight) costs more than the few FMAs per element it serves,
+ * so the rows stream B unpacked. The same bits as op_block_avx512: one fused chain per element, then added. */
+__attribute__((target("avx512f,fma"))) static void op_block_avx512_few(const op_args *p, int m0, int m1, int n0,
+                                                                       int n1) {
+    op_block_portable(p, m0, m1, n0, n1);
 }
 #endif
 
@@ -588,6 +598,9 @@ void dense_det_acc(float *c, size_t ldc, const float *a, size_t sam, size_t sak,
                    int N, int K) {
     if (M <= 0 || N <= 0 || K <= 0) return;
     op_block_fn fn = op_block_for(dense_active_isa());
+#if DENSE_X86
+    if (M <= 4 && fn == op_block_avx512) fn = op_block_avx512_few;
+#endif
     const op_args p = {c, a, b, sam, sak, ldb, ldc, M, N, K};
     for (int m0 = 0; m0 < M; m0 += 64) /* = OP_MB, OP_NB: the largest block op_block takes */
         for (int n0 = 0; n0 < N; n0 += 128) fn(&p, m0, m0 + 64 < M ? m0 + 64 : M, n0, n0 + 128 < N ? n0 + 128 : N);

@@ -391,6 +391,61 @@ static bool experts_side_by_side(const moe_cfg *c, mm_mode mm, int64_t TK) {
     return per_expert < MOE_PAR_EXPERT_WORK;
 }
 
+/* The per-expert GEMMs of a layer: one expert's segment of rows, its contiguous block of the sorted buffers. */
+typedef struct {
+    const moe_saved *s;
+    moe_work *w;
+    const moe_params *p;
+    const moe_grads *g;
+    const moe_cfg *c;
+    float *dxg; /* backward: input gradient of the sorted rows, or NULL */
+} expert_ctx;
+
+static void fwd_gate_up(const expert_ctx *k, int ex) {
+    const int r0 = k->s->off[ex], n = k->s->off[ex + 1] - r0, d = k->c->d, Ie = k->c->I_e;
+    const float *xe = k->s->xg + (size_t)r0 * d;
+    matmul_forward(k->s->hg + (size_t)r0 * Ie, xe, k->p->gate_proj[ex], n, d, Ie, 0.0f, k->c->mm);
+    matmul_forward(k->s->hu + (size_t)r0 * Ie, xe, k->p->up_proj[ex], n, d, Ie, 0.0f, k->c->mm);
+}
+
+static void fwd_down(const expert_ctx *k, int ex) {
+    const int r0 = k->s->off[ex], n = k->s->off[ex + 1] - r0, d = k->c->d, Ie = k->c->I_e;
+    matmul_forward(k->w->rows_d + (size_t)r0 * d, k->w->hs + (size_t)r0 * Ie, k->p->down_proj[ex], n, Ie, d, 0.0f,
+                   k->c->mm);
+}
+
+static void bwd_down(const expert_ctx *k, int ex) {
+    const int r0 = k->s->off[ex], n = k->s->off[ex + 1] - r0, d = k->c->d, Ie = k->c->I_e;
+    matmul_backward(k->w->dh + (size_t)r0 * Ie, k->g->down_proj ? k->g->down_proj[ex] : NULL,
+                    k->w->rows_d + (size_t)r0 * d, k->w->hs + (size_t)r0 * Ie, k->p->down_proj[ex], n, Ie, d,
+                    k->c->mm_bwd);
+}
+
+static void bwd_gate_up(const expert_ctx *k, int ex) {
+    const int r0 = k->s->off[ex], n = k->s->off[ex + 1] - r0, d = k->c->d, Ie = k->c->I_e;
+    float *dxe = k->dxg ? k->dxg + (size_t)r0 * d : NULL;
+    const float *xe = k->s->xg + (size_t)r0 * d;
+    matmul_backward(dxe, k->g->gate_proj ? k->g->gate_proj[ex] : NULL, k->w->dhg + (size_t)r0 * Ie, xe,
+                    k->p->gate_proj[ex], n, d, Ie, k->c->mm_bwd);
+    matmul_backward(dxe, k->g->up_proj ? k->g->up_proj[ex] : NULL, k->w->dhu + (size_t)r0 * Ie, xe,
+                    k->p->up_proj[ex], n, d, Ie, k->c->mm_bwd);
+}
+
+/* fn on every expert with rows: side by side on the threads when par, else one after another on this thread (each
+ * matmul then threads itself). Not one region with if (par): libgomp starts fresh threads for every region nested
+ * in an inactive one, so each expert's matmul would create (and join) a thread. */
+static void for_experts(bool par, const expert_ctx *k, void (*fn)(const expert_ctx *, int)) {
+    const int E = k->c->E;
+    if (par) {
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int ex = 0; ex < E; ex++)
+            if (k->s->off[ex + 1] > k->s->off[ex]) fn(k, ex);
+    } else {
+        for (int ex = 0; ex < E; ex++)
+            if (k->s->off[ex + 1] > k->s->off[ex]) fn(k, ex);
+    }
+}
+
 /* moe_forward's experts for a few rows (decode): every expert's gate and up plus the shared ones in one parallel
  * region, every down in another (matmul_forward_batch), where one region per GEMM would cost more than the GEMMs.
  * The same arithmetic as the general path: the shared down goes into out first and the routed sum is added to it
@@ -459,13 +514,8 @@ int moe_forward(float *out, moe_saved *s, moe_work *w, const float *x, const int
     }
     /* One GEMM per expert over its contiguous segment of rows (never a GEMV per token). */
     const bool par = experts_side_by_side(c, c->mm, TK);
-#pragma omp parallel for schedule(dynamic, 1) if (par)
-    for (int ex = 0; ex < c->E; ex++) {
-        const int r0 = s->off[ex], n = s->off[ex + 1] - r0;
-        if (n == 0) continue;
-        matmul_forward(s->hg + (size_t)r0 * Ie, s->xg + (size_t)r0 * d, p->gate_proj[ex], n, d, Ie, 0.0f, c->mm);
-        matmul_forward(s->hu + (size_t)r0 * Ie, s->xg + (size_t)r0 * d, p->up_proj[ex], n, d, Ie, 0.0f, c->mm);
-    }
+    const expert_ctx ek = {.s = s, .w = w, .p = p, .c = c};
+    for_experts(par, &ek, fwd_gate_up);
     swiglu_forward(w->h, s->hg, s->hu, (int)TK, Ie);
     /* The routing weight scales the down_proj input: g·(W_down·h) = W_down·(g·h), and the backward then gets
      * ∂L/∂g = ⟨∂L/∂(g·h), h⟩ without keeping the expert outputs. */
@@ -474,12 +524,7 @@ int moe_forward(float *out, moe_saved *s, moe_work *w, const float *x, const int
         const float g = s->weights[s->order[r]];
         for (int j = 0; j < Ie; j++) w->hs[(size_t)r * Ie + j] = g * w->h[(size_t)r * Ie + j];
     }
-#pragma omp parallel for schedule(dynamic, 1) if (par)
-    for (int ex = 0; ex < c->E; ex++) {
-        const int r0 = s->off[ex], n = s->off[ex + 1] - r0;
-        if (n == 0) continue;
-        matmul_forward(w->rows_d + (size_t)r0 * d, w->hs + (size_t)r0 * Ie, p->down_proj[ex], n, Ie, d, 0.0f, c->mm);
-    }
+    for_experts(par, &ek, fwd_down);
     moe_combine(out, w->rows_d, s->pos, T, K, d);
     if (Is > 0) { /* shared experts: a dense SwiGLU MLP on every token, added to the routed sum (§7.2) */
         matmul_forward(s->sg, x, p->sh_gate, T, d, Is, 0.0f, c->mm);
@@ -516,13 +561,8 @@ void moe_backward(float *dx, const moe_grads *g, moe_work *w, const float *dout,
         for (int j = 0; j < Ie; j++) w->hs[(size_t)r * Ie + j] = gr * w->h[(size_t)r * Ie + j];
     }
     memset(w->dh, 0, sizeof(float) * (size_t)TK * Ie);
-#pragma omp parallel for schedule(dynamic, 1) if (par)
-    for (int ex = 0; ex < c->E; ex++) {
-        const int r0 = s->off[ex], n = s->off[ex + 1] - r0;
-        if (n == 0) continue;
-        matmul_backward(w->dh + (size_t)r0 * Ie, g->down_proj ? g->down_proj[ex] : NULL, w->rows_d + (size_t)r0 * d,
-                        w->hs + (size_t)r0 * Ie, p->down_proj[ex], n, Ie, d, c->mm_bwd);
-    }
+    expert_ctx ek = {.s = s, .w = w, .p = p, .g = g, .c = c};
+    for_experts(par, &ek, bwd_down);
     /* dh holds ∂L/∂(g·h): the weight gets ⟨·, h⟩, the activation gets g·(·). */
 #pragma omp parallel for schedule(static) if (TK * Ie >= MOE_PAR_MIN)
     for (int64_t r = 0; r < TK; r++) {
@@ -540,16 +580,8 @@ void moe_backward(float *dx, const moe_grads *g, moe_work *w, const float *dout,
     swiglu_backward(w->dhg, w->dhu, w->dh, s->hg, s->hu, (int)TK, Ie);
     if (dx) memset(w->rows_d, 0, sizeof(float) * (size_t)TK * d);
     float *dxg = dx ? w->rows_d : NULL;
-#pragma omp parallel for schedule(dynamic, 1) if (par)
-    for (int ex = 0; ex < c->E; ex++) {
-        const int r0 = s->off[ex], n = s->off[ex + 1] - r0;
-        if (n == 0) continue;
-        float *dxe = dxg ? dxg + (size_t)r0 * d : NULL;
-        matmul_backward(dxe, g->gate_proj ? g->gate_proj[ex] : NULL, w->dhg + (size_t)r0 * Ie,
-                        s->xg + (size_t)r0 * d, p->gate_proj[ex], n, d, Ie, c->mm_bwd);
-        matmul_backward(dxe, g->up_proj ? g->up_proj[ex] : NULL, w->dhu + (size_t)r0 * Ie, s->xg + (size_t)r0 * d,
-                        p->up_proj[ex], n, d, Ie, c->mm_bwd);
-    }
+    ek.dxg = dxg;
+    for_experts(par, &ek, bwd_gate_up);
     if (dx) {
 #pragma omp parallel for schedule(static) if (TK * d >= MOE_PAR_MIN)
         for (int t = 0; t < T; t++) {
