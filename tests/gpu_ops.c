@@ -13,87 +13,17 @@
 
 #include "core/rng.h"
 #include "kernels/backend.h"
+#include "tests/gpu_common.h"
 
 #ifdef MOERL_HAVE_CUDA
 #include "kernels/cuda/dense_cuda.h"
 #include "model/params.h"
 #include "sft/optim.h"
 
-static const backend *gpu;
-static uint64_t seed0;
-
-/* Criterion runs each test in a fresh worker process that does NOT go through main (Criterion 2.4: a custom main
- * runs only in the parent): the backend and the seed (main puts it in the environment) are fetched there again. */
-static void setup(void) {
-    mr_err e = {0};
-    cr_assert_eq(backend_get("cuda", &gpu, &e), MR_OK, "%s", e.msg);
-    const char *s = getenv("MOERL_TEST_SEED");
-    seed0 = s ? strtoull(s, NULL, 10) : 0;
-}
-TestSuite(gpu_ops, .init = setup);
+TestSuite(gpu_ops, .init = gpu_setup);
 
 #define TOL_F32 1e-5
 #define TOL_BF16 1e-2
-
-static float *hrand(size_t n, uint64_t stream, float std) {
-    float *h = malloc((n ? n : 1) * sizeof *h);
-    cr_assert_not_null(h);
-    rng_fill_normal(h, n, 0.0f, std, seed0, stream);
-    return h;
-}
-
-static float *hcopy(const float *h, size_t n) {
-    float *c = malloc((n ? n : 1) * sizeof *c);
-    cr_assert_not_null(c);
-    memcpy(c, h, n * sizeof *c);
-    return c;
-}
-
-static void *dput(const void *h, size_t bytes) {
-    mr_err e = {0};
-    void *d = gpu->alloc(bytes);
-    cr_assert_not_null(d, "device alloc of %zu bytes", bytes);
-    cr_assert_eq(gpu->to_device(d, h, bytes, &e), MR_OK, "%s", e.msg);
-    return d;
-}
-
-static float *dpoison(size_t n) {
-    float *h = malloc((n ? n : 1) * sizeof *h);
-    for (size_t i = 0; i < n; i++) h[i] = NAN;
-    float *d = dput(h, (n ? n : 1) * sizeof *h);
-    free(h);
-    return d;
-}
-
-static void sync_ok(void) {
-    mr_err e = {0};
-    cr_assert_eq(gpu->sync(&e), MR_OK, "%s", e.msg);
-}
-
-static float *dget(const float *d, size_t n) {
-    mr_err e = {0};
-    float *h = malloc((n ? n : 1) * sizeof *h);
-    sync_ok();
-    cr_assert_eq(gpu->to_host(h, d, n * sizeof *h, &e), MR_OK, "%s", e.msg);
-    return h;
-}
-
-/* ||got - ref|| / ||ref|| <= tol, with every element of got finite; returns the number of bit-identical ones. */
-static size_t check_close(const char *what, const float *got, const float *ref, size_t n, double tol) {
-    double num = 0, den = 0;
-    size_t exact = 0;
-    for (size_t i = 0; i < n; i++) {
-        cr_assert(isfinite(got[i]), "%s: element %zu is %g (not written?), cpu %g [seed %llu]", what, i, got[i],
-                  ref[i], (unsigned long long)seed0);
-        double d = (double)got[i] - ref[i];
-        num += d * d;
-        den += (double)ref[i] * ref[i];
-        exact += memcmp(&got[i], &ref[i], sizeof(float)) == 0;
-    }
-    double rel = den > 0 ? sqrt(num / den) : sqrt(num);
-    cr_assert(rel <= tol, "%s: relative error %.3g > %.1g [seed %llu]", what, rel, tol, (unsigned long long)seed0);
-    return exact;
-}
 
 static void expect_bits(const char *what, const float *got, const float *ref, size_t n) {
     size_t exact = check_close(what, got, ref, n, TOL_F32);
@@ -500,31 +430,4 @@ Test(gpu_ops, table_has_dense_ops) {
 }
 #endif
 
-int main(int argc, char **argv) {
-#ifndef MOERL_HAVE_CUDA
-    (void)argc;
-    (void)argv;
-    printf("SKIPPED: moerl was built without the CUDA backend (no nvcc)\n");
-    return 77;
-#else
-    mr_err e = {0};
-    if (backend_get("cuda", &gpu, &e) != MR_OK) {
-        printf("SKIPPED: %s\n", e.msg);
-        return 77;
-    }
-    /* Criterion re-executes this binary for each test: the seed travels to those runs in the environment. */
-    if (!getenv("MOERL_TEST_SEED")) {
-        char buf[32];
-        snprintf(buf, sizeof buf, "%llu", (unsigned long long)time(NULL));
-        setenv("MOERL_TEST_SEED", buf, 1);
-    }
-    seed0 = strtoull(getenv("MOERL_TEST_SEED"), NULL, 10);
-    printf("gpu_ops: seed %llu (set MOERL_TEST_SEED to replay)\n", (unsigned long long)seed0);
-    struct criterion_test_set *tests = criterion_initialize();
-    int result = 0;
-    if (criterion_handle_args(argc, argv, true)) result = !criterion_run_all_tests(tests);
-    criterion_finalize(tests);
-    dense_cuda_release();
-    return result;
-#endif
-}
+int main(int argc, char **argv) { return gpu_test_main(argc, argv, "gpu_ops"); }

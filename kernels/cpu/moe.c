@@ -52,7 +52,7 @@ int moe_cfg_check(const moe_cfg *c, mr_err *e) {
 }
 
 /* Adds n elements of size elt to a running total, each block rounded up to 64 bytes; -1 on overflow. */
-static int plan_add(size_t *total, size_t n, size_t elt) {
+int moe_plan_add(size_t *total, size_t n, size_t elt) {
     size_t b;
     if (size_mul(n, elt, &b) || size_add(b, 63, &b)) return -1;
     b &= ~(size_t)63;
@@ -60,13 +60,13 @@ static int plan_add(size_t *total, size_t n, size_t elt) {
 }
 
 /* Carves the next block of n elements of size elt out of *cur (the plan_add layout). */
-static void *carve(char **cur, size_t n, size_t elt) {
+void *moe_carve(char **cur, size_t n, size_t elt) {
     void *p = *cur;
     *cur += (n * elt + 63) & ~(size_t)63;
     return p;
 }
 
-static int check_tmax(const moe_cfg *c, int T_max, const char *what, mr_err *e) {
+int moe_check_tmax(const moe_cfg *c, int T_max, const char *what, mr_err *e) {
     int rc = moe_cfg_check(c, e);
     if (rc) return rc;
     if (T_max < 0 || (int64_t)T_max * c->K > INT32_MAX)
@@ -77,17 +77,17 @@ static int check_tmax(const moe_cfg *c, int T_max, const char *what, mr_err *e) 
 
 int moe_saved_init(moe_saved *s, const moe_cfg *c, int T_max, mr_err *e) {
     memset(s, 0, sizeof *s);
-    int rc = check_tmax(c, T_max, "saved state", e);
+    int rc = moe_check_tmax(c, T_max, "saved state", e);
     if (rc) return rc;
     size_t T = (size_t)T_max, TK = T * (size_t)c->K, E = (size_t)c->E;
     size_t nf = 0, ni = 0;
-    int bad = plan_add(&nf, T * E, sizeof(float)) || plan_add(&nf, TK, sizeof(float)) ||
-              plan_add(&nf, TK * (size_t)c->d, sizeof(float)) || plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) ||
-              plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) || plan_add(&nf, T * (size_t)c->I_s, sizeof(float)) ||
-              plan_add(&nf, T * (size_t)c->I_s, sizeof(float));
-    bad = bad || plan_add(&ni, E, sizeof(int64_t)) || plan_add(&ni, TK, sizeof(int32_t)) ||
-          plan_add(&ni, E + 1, sizeof(int32_t)) || plan_add(&ni, TK, sizeof(int32_t)) ||
-          plan_add(&ni, TK, sizeof(int32_t));
+    int bad = moe_plan_add(&nf, T * E, sizeof(float)) || moe_plan_add(&nf, TK, sizeof(float)) ||
+              moe_plan_add(&nf, TK * (size_t)c->d, sizeof(float)) || moe_plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) ||
+              moe_plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) || moe_plan_add(&nf, T * (size_t)c->I_s, sizeof(float)) ||
+              moe_plan_add(&nf, T * (size_t)c->I_s, sizeof(float));
+    bad = bad || moe_plan_add(&ni, E, sizeof(int64_t)) || moe_plan_add(&ni, TK, sizeof(int32_t)) ||
+          moe_plan_add(&ni, E + 1, sizeof(int32_t)) || moe_plan_add(&ni, TK, sizeof(int32_t)) ||
+          moe_plan_add(&ni, TK, sizeof(int32_t));
     if (bad) return err_set(e, MR_ERANGE, "moe: saved state size overflows for T_max=%d", T_max);
     s->mem_f = mem_alloc_aligned(nf);
     s->mem_i = mem_alloc_aligned(ni);
@@ -96,18 +96,18 @@ int moe_saved_init(moe_saved *s, const moe_cfg *c, int T_max, mr_err *e) {
         return err_set(e, MR_ENOMEM, "moe: cannot allocate %zu bytes of saved state for T_max=%d", nf + ni, T_max);
     }
     char *cf = s->mem_f, *ci = s->mem_i;
-    s->scores = carve(&cf, T * E, sizeof(float));
-    s->weights = carve(&cf, TK, sizeof(float));
-    s->xg = carve(&cf, TK * (size_t)c->d, sizeof(float));
-    s->hg = carve(&cf, TK * (size_t)c->I_e, sizeof(float));
-    s->hu = carve(&cf, TK * (size_t)c->I_e, sizeof(float));
-    s->sg = carve(&cf, T * (size_t)c->I_s, sizeof(float));
-    s->su = carve(&cf, T * (size_t)c->I_s, sizeof(float));
-    s->load = carve(&ci, E, sizeof(int64_t));
-    s->idx = carve(&ci, TK, sizeof(int32_t));
-    s->off = carve(&ci, E + 1, sizeof(int32_t));
-    s->order = carve(&ci, TK, sizeof(int32_t));
-    s->pos = carve(&ci, TK, sizeof(int32_t));
+    s->scores = moe_carve(&cf, T * E, sizeof(float));
+    s->weights = moe_carve(&cf, TK, sizeof(float));
+    s->xg = moe_carve(&cf, TK * (size_t)c->d, sizeof(float));
+    s->hg = moe_carve(&cf, TK * (size_t)c->I_e, sizeof(float));
+    s->hu = moe_carve(&cf, TK * (size_t)c->I_e, sizeof(float));
+    s->sg = moe_carve(&cf, T * (size_t)c->I_s, sizeof(float));
+    s->su = moe_carve(&cf, T * (size_t)c->I_s, sizeof(float));
+    s->load = moe_carve(&ci, E, sizeof(int64_t));
+    s->idx = moe_carve(&ci, TK, sizeof(int32_t));
+    s->off = moe_carve(&ci, E + 1, sizeof(int32_t));
+    s->order = moe_carve(&ci, TK, sizeof(int32_t));
+    s->pos = moe_carve(&ci, TK, sizeof(int32_t));
     s->T_max = T_max;
     s->T = 0;
     return MR_OK;
@@ -126,30 +126,30 @@ void moe_saved_free(moe_saved *s) {
 
 int moe_work_init(moe_work *w, const moe_cfg *c, int T_max, mr_err *e) {
     memset(w, 0, sizeof *w);
-    int rc = check_tmax(c, T_max, "work space", e);
+    int rc = moe_check_tmax(c, T_max, "work space", e);
     if (rc) return rc;
     size_t T = (size_t)T_max, TK = T * (size_t)c->K, Ie = (size_t)c->I_e, Is = (size_t)c->I_s;
     size_t n = 0;
-    int bad = plan_add(&n, TK * (size_t)c->d, sizeof(float));
-    for (int i = 0; i < 5; i++) bad = bad || plan_add(&n, TK * Ie, sizeof(float));
-    bad = bad || plan_add(&n, TK, sizeof(float)) || plan_add(&n, T * (size_t)c->E, sizeof(float));
-    for (int i = 0; i < 4; i++) bad = bad || plan_add(&n, T * Is, sizeof(float));
+    int bad = moe_plan_add(&n, TK * (size_t)c->d, sizeof(float));
+    for (int i = 0; i < 5; i++) bad = bad || moe_plan_add(&n, TK * Ie, sizeof(float));
+    bad = bad || moe_plan_add(&n, TK, sizeof(float)) || moe_plan_add(&n, T * (size_t)c->E, sizeof(float));
+    for (int i = 0; i < 4; i++) bad = bad || moe_plan_add(&n, T * Is, sizeof(float));
     if (bad) return err_set(e, MR_ERANGE, "moe: work space size overflows for T_max=%d", T_max);
     w->mem = mem_alloc_aligned(n);
     if (!w->mem) return err_set(e, MR_ENOMEM, "moe: cannot allocate %zu bytes of work space for T_max=%d", n, T_max);
     char *cur = w->mem;
-    w->rows_d = carve(&cur, TK * (size_t)c->d, sizeof(float));
-    w->h = carve(&cur, TK * Ie, sizeof(float));
-    w->hs = carve(&cur, TK * Ie, sizeof(float));
-    w->dh = carve(&cur, TK * Ie, sizeof(float));
-    w->dhg = carve(&cur, TK * Ie, sizeof(float));
-    w->dhu = carve(&cur, TK * Ie, sizeof(float));
-    w->dweights = carve(&cur, TK, sizeof(float));
-    w->dz = carve(&cur, T * (size_t)c->E, sizeof(float));
-    w->sh_h = carve(&cur, T * Is, sizeof(float));
-    w->sh_dh = carve(&cur, T * Is, sizeof(float));
-    w->sh_dg = carve(&cur, T * Is, sizeof(float));
-    w->sh_du = carve(&cur, T * Is, sizeof(float));
+    w->rows_d = moe_carve(&cur, TK * (size_t)c->d, sizeof(float));
+    w->h = moe_carve(&cur, TK * Ie, sizeof(float));
+    w->hs = moe_carve(&cur, TK * Ie, sizeof(float));
+    w->dh = moe_carve(&cur, TK * Ie, sizeof(float));
+    w->dhg = moe_carve(&cur, TK * Ie, sizeof(float));
+    w->dhu = moe_carve(&cur, TK * Ie, sizeof(float));
+    w->dweights = moe_carve(&cur, TK, sizeof(float));
+    w->dz = moe_carve(&cur, T * (size_t)c->E, sizeof(float));
+    w->sh_h = moe_carve(&cur, T * Is, sizeof(float));
+    w->sh_dh = moe_carve(&cur, T * Is, sizeof(float));
+    w->sh_dg = moe_carve(&cur, T * Is, sizeof(float));
+    w->sh_du = moe_carve(&cur, T * Is, sizeof(float));
     w->T_max = T_max;
     return MR_OK;
 }

@@ -127,6 +127,12 @@ typedef struct moe_work {
 /* Checks sizes and the routing rule: d, E, I_e > 0; 1 <= K <= E; 1 <= n_group <= MOE_MAX_GROUPS dividing E;
  * 1 <= topk_group <= n_group; K <= topk_group·E/n_group for the grouped methods; I_s >= 0; finite scaling. */
 int moe_cfg_check(const moe_cfg *c, mr_err *e);
+/* Buffer layout of moe_saved / moe_work, shared with kernels/cuda/moe_cuda.cu: moe_plan_add adds n elements of size
+ * elt to a running total, each block rounded up to 64 bytes (-1 on overflow); moe_carve takes the next such block
+ * from *cur; moe_check_tmax is moe_cfg_check plus 0 <= T_max·K <= INT32_MAX (what names the caller). */
+int moe_plan_add(size_t *total, size_t n, size_t elt);
+void *moe_carve(char **cur, size_t n, size_t elt);
+int moe_check_tmax(const moe_cfg *c, int T_max, const char *what, mr_err *e);
 
 int moe_saved_init(moe_saved *s, const moe_cfg *c, int T_max, mr_err *e);
 void moe_saved_free(moe_saved *s); /* accepts NULL and a half-built struct */

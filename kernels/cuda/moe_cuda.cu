@@ -80,28 +80,7 @@ extern "C" void moe_cuda_release(void) {
     }
 }
 
-// moe.c's layout helpers: blocks of n elements rounded up to 64 bytes.
-static int plan_add(size_t *total, size_t n, size_t elt) {
-    size_t b;
-    if (size_mul(n, elt, &b) || size_add(b, 63, &b)) return -1;
-    b &= ~(size_t)63;
-    return size_add(*total, b, total);
-}
-
-static void *carve(char **cur, size_t n, size_t elt) {
-    void *p = *cur;
-    *cur += (n * elt + 63) & ~(size_t)63;
-    return p;
-}
-
-static int check_tmax(const moe_cfg *c, int T_max, const char *what, mr_err *e) {
-    int rc = moe_cfg_check(c, e);
-    if (rc) return rc;
-    if (T_max < 0 || (int64_t)T_max * c->K > INT32_MAX)
-        return err_set(e, MR_ERANGE, "moe: %s: T_max·K must be in 0..%d, got T_max=%d K=%d", what, INT32_MAX, T_max,
-                       c->K);
-    return MR_OK;
-}
+// Layout helpers and the T_max check: moe.c's (moe.h).
 
 static void saved_release(moe_saved *s) {
     cudaFree(s->mem_f);
@@ -117,18 +96,18 @@ static void work_release(moe_work *w) {
 
 extern "C" int cuda_moe_saved_init(moe_saved *s, const moe_cfg *c, int T_max, mr_err *e) {
     memset(s, 0, sizeof *s);
-    int rc = check_tmax(c, T_max, "saved state", e);
+    int rc = moe_check_tmax(c, T_max, "saved state", e);
     if (rc) return rc;
     s->release = saved_release; // from here on moe_saved_free frees whatever was allocated
     size_t T = (size_t)T_max, TK = T * (size_t)c->K, E = (size_t)c->E;
     size_t nf = 0, ni = 0, nh = 0;
-    int bad = plan_add(&nf, T * E, sizeof(float)) || plan_add(&nf, TK, sizeof(float)) ||
-              plan_add(&nf, TK * (size_t)c->d, sizeof(float)) || plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) ||
-              plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) || plan_add(&nf, T * (size_t)c->I_s, sizeof(float)) ||
-              plan_add(&nf, T * (size_t)c->I_s, sizeof(float));
-    bad = bad || plan_add(&ni, TK, sizeof(int32_t)) || plan_add(&ni, TK, sizeof(int32_t)) ||
-          plan_add(&ni, TK, sizeof(int32_t));
-    bad = bad || plan_add(&nh, E, sizeof(int64_t)) || plan_add(&nh, E + 1, sizeof(int32_t));
+    int bad = moe_plan_add(&nf, T * E, sizeof(float)) || moe_plan_add(&nf, TK, sizeof(float)) ||
+              moe_plan_add(&nf, TK * (size_t)c->d, sizeof(float)) || moe_plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) ||
+              moe_plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) || moe_plan_add(&nf, T * (size_t)c->I_s, sizeof(float)) ||
+              moe_plan_add(&nf, T * (size_t)c->I_s, sizeof(float));
+    bad = bad || moe_plan_add(&ni, TK, sizeof(int32_t)) || moe_plan_add(&ni, TK, sizeof(int32_t)) ||
+          moe_plan_add(&ni, TK, sizeof(int32_t));
+    bad = bad || moe_plan_add(&nh, E, sizeof(int64_t)) || moe_plan_add(&nh, E + 1, sizeof(int32_t));
     if (bad) {
         moe_saved_free(s);
         return err_set(e, MR_ERANGE, "moe: saved state size overflows for T_max=%d", T_max);
@@ -147,18 +126,18 @@ extern "C" int cuda_moe_saved_init(moe_saved *s, const moe_cfg *c, int T_max, mr
         return err_set(e, MR_ENOMEM, "moe: cannot allocate %zu bytes of host saved state (off, load)", nh);
     }
     char *cf = (char *)s->mem_f, *ci = (char *)s->mem_i, *ch = (char *)s->mem_h;
-    s->scores = (float *)carve(&cf, T * E, sizeof(float));
-    s->weights = (float *)carve(&cf, TK, sizeof(float));
-    s->xg = (float *)carve(&cf, TK * (size_t)c->d, sizeof(float));
-    s->hg = (float *)carve(&cf, TK * (size_t)c->I_e, sizeof(float));
-    s->hu = (float *)carve(&cf, TK * (size_t)c->I_e, sizeof(float));
-    s->sg = (float *)carve(&cf, T * (size_t)c->I_s, sizeof(float));
-    s->su = (float *)carve(&cf, T * (size_t)c->I_s, sizeof(float));
-    s->idx = (int32_t *)carve(&ci, TK, sizeof(int32_t));
-    s->order = (int32_t *)carve(&ci, TK, sizeof(int32_t));
-    s->pos = (int32_t *)carve(&ci, TK, sizeof(int32_t));
-    s->load = (int64_t *)carve(&ch, E, sizeof(int64_t));
-    s->off = (int32_t *)carve(&ch, E + 1, sizeof(int32_t));
+    s->scores = (float *)moe_carve(&cf, T * E, sizeof(float));
+    s->weights = (float *)moe_carve(&cf, TK, sizeof(float));
+    s->xg = (float *)moe_carve(&cf, TK * (size_t)c->d, sizeof(float));
+    s->hg = (float *)moe_carve(&cf, TK * (size_t)c->I_e, sizeof(float));
+    s->hu = (float *)moe_carve(&cf, TK * (size_t)c->I_e, sizeof(float));
+    s->sg = (float *)moe_carve(&cf, T * (size_t)c->I_s, sizeof(float));
+    s->su = (float *)moe_carve(&cf, T * (size_t)c->I_s, sizeof(float));
+    s->idx = (int32_t *)moe_carve(&ci, TK, sizeof(int32_t));
+    s->order = (int32_t *)moe_carve(&ci, TK, sizeof(int32_t));
+    s->pos = (int32_t *)moe_carve(&ci, TK, sizeof(int32_t));
+    s->load = (int64_t *)moe_carve(&ch, E, sizeof(int64_t));
+    s->off = (int32_t *)moe_carve(&ch, E + 1, sizeof(int32_t));
     memset(s->load, 0, E * sizeof(int64_t));
     memset(s->off, 0, (E + 1) * sizeof(int32_t));
     s->T_max = T_max;
@@ -168,15 +147,15 @@ extern "C" int cuda_moe_saved_init(moe_saved *s, const moe_cfg *c, int T_max, mr
 
 extern "C" int cuda_moe_work_init(moe_work *w, const moe_cfg *c, int T_max, mr_err *e) {
     memset(w, 0, sizeof *w);
-    int rc = check_tmax(c, T_max, "work space", e);
+    int rc = moe_check_tmax(c, T_max, "work space", e);
     if (rc) return rc;
     w->release = work_release;
     size_t T = (size_t)T_max, TK = T * (size_t)c->K, Ie = (size_t)c->I_e, Is = (size_t)c->I_s;
     size_t n = 0;
-    int bad = plan_add(&n, TK * (size_t)c->d, sizeof(float));
-    for (int i = 0; i < 5; i++) bad = bad || plan_add(&n, TK * Ie, sizeof(float));
-    bad = bad || plan_add(&n, TK, sizeof(float)) || plan_add(&n, T * (size_t)c->E, sizeof(float));
-    for (int i = 0; i < 4; i++) bad = bad || plan_add(&n, T * Is, sizeof(float));
+    int bad = moe_plan_add(&n, TK * (size_t)c->d, sizeof(float));
+    for (int i = 0; i < 5; i++) bad = bad || moe_plan_add(&n, TK * Ie, sizeof(float));
+    bad = bad || moe_plan_add(&n, TK, sizeof(float)) || moe_plan_add(&n, T * (size_t)c->E, sizeof(float));
+    for (int i = 0; i < 4; i++) bad = bad || moe_plan_add(&n, T * Is, sizeof(float));
     if (bad) {
         moe_work_free(w);
         return err_set(e, MR_ERANGE, "moe: work space size overflows for T_max=%d", T_max);
@@ -189,18 +168,18 @@ extern "C" int cuda_moe_work_init(moe_work *w, const moe_cfg *c, int T_max, mr_e
                        T_max, cudaGetErrorString(st));
     }
     char *cur = (char *)w->mem;
-    w->rows_d = (float *)carve(&cur, TK * (size_t)c->d, sizeof(float));
-    w->h = (float *)carve(&cur, TK * Ie, sizeof(float));
-    w->hs = (float *)carve(&cur, TK * Ie, sizeof(float));
-    w->dh = (float *)carve(&cur, TK * Ie, sizeof(float));
-    w->dhg = (float *)carve(&cur, TK * Ie, sizeof(float));
-    w->dhu = (float *)carve(&cur, TK * Ie, sizeof(float));
-    w->dweights = (float *)carve(&cur, TK, sizeof(float));
-    w->dz = (float *)carve(&cur, T * (size_t)c->E, sizeof(float));
-    w->sh_h = (float *)carve(&cur, T * Is, sizeof(float));
-    w->sh_dh = (float *)carve(&cur, T * Is, sizeof(float));
-    w->sh_dg = (float *)carve(&cur, T * Is, sizeof(float));
-    w->sh_du = (float *)carve(&cur, T * Is, sizeof(float));
+    w->rows_d = (float *)moe_carve(&cur, TK * (size_t)c->d, sizeof(float));
+    w->h = (float *)moe_carve(&cur, TK * Ie, sizeof(float));
+    w->hs = (float *)moe_carve(&cur, TK * Ie, sizeof(float));
+    w->dh = (float *)moe_carve(&cur, TK * Ie, sizeof(float));
+    w->dhg = (float *)moe_carve(&cur, TK * Ie, sizeof(float));
+    w->dhu = (float *)moe_carve(&cur, TK * Ie, sizeof(float));
+    w->dweights = (float *)moe_carve(&cur, TK, sizeof(float));
+    w->dz = (float *)moe_carve(&cur, T * (size_t)c->E, sizeof(float));
+    w->sh_h = (float *)moe_carve(&cur, T * Is, sizeof(float));
+    w->sh_dh = (float *)moe_carve(&cur, T * Is, sizeof(float));
+    w->sh_dg = (float *)moe_carve(&cur, T * Is, sizeof(float));
+    w->sh_du = (float *)moe_carve(&cur, T * Is, sizeof(float));
     w->T_max = T_max;
     return MR_OK;
 }
