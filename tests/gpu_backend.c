@@ -6,17 +6,10 @@
 #include <stdlib.h>
 
 #include "kernels/backend.h"
+#include "tests/gpu_common.h"
 
 #ifdef MOERL_HAVE_CUDA
-static const backend *gpu;
-
-/* Criterion runs each test in a fresh worker process that does NOT go through main (Criterion 2.4: a custom main
- * runs only in the parent): the backend is fetched there again. */
-static void setup(void) {
-    mr_err e = {0};
-    cr_assert_eq(backend_get("cuda", &gpu, &e), MR_OK, "%s", e.msg);
-}
-TestSuite(gpu, .init = setup);
+TestSuite(gpu, .init = gpu_setup);
 
 static float *to_host_copy(const float *dev, size_t n) {
     float *h = malloc(n * sizeof *h);
@@ -76,22 +69,4 @@ Test(gpu, axpy_matches_cpu) {
 }
 #endif
 
-int main(int argc, char **argv) {
-#ifndef MOERL_HAVE_CUDA
-    (void)argc;
-    (void)argv;
-    printf("SKIPPED: moerl was built without the CUDA backend (no nvcc)\n");
-    return 77;
-#else
-    mr_err e = {0};
-    if (backend_get("cuda", &gpu, &e) != MR_OK) {
-        printf("SKIPPED: %s\n", e.msg);
-        return 77;
-    }
-    struct criterion_test_set *tests = criterion_initialize();
-    int result = 0;
-    if (criterion_handle_args(argc, argv, true)) result = !criterion_run_all_tests(tests);
-    criterion_finalize(tests);
-    return result;
-#endif
-}
+int main(int argc, char **argv) { return gpu_test_main(argc, argv, "gpu_backend"); }
