@@ -949,6 +949,36 @@ Test(moe_layer, token_alone_equals_token_in_batch) {
     layer_free(&L);
 }
 
+/* The same at sizes where a lone token's experts + shared experts run as one parallel region of chunked GEMMs
+ * (moe_forward_few through matmul_forward_batch: > 32768 multiply-adds), at 1, 2 and 3 threads, against the batch
+ * path (T = 20: experts side by side). */
+Test(moe_layer, token_alone_equals_token_in_batch_parallel_few_rows) {
+    enum { T = 20, D = 128 };
+    moe_cfg c = mkcfg(D, 16, 4, 4, 2, 64, 128, MOE_SCORE_SIGMOID, MOE_TOPK_NOAUX_TC, true, 2.5f);
+    layer L;
+    layer_init(&L, &c, 43, 0.2f);
+    float *x = malloc(sizeof(float) * T * D);
+    fill(x, T * D, -1, 1);
+    run all, one;
+    run_init(&all, &L, T);
+    run_init(&one, &L, 1);
+    cr_assert_eq(moe_forward(all.out, &all.s, &all.w, x, NULL, &L.p, &c, T, NULL), 0);
+    const int saved = omp_get_max_threads();
+    for (int th = 1; th <= 3; th++) {
+        omp_set_num_threads(th);
+        for (int t = 0; t < T; t++) {
+            cr_assert_eq(moe_forward(one.out, &one.s, &one.w, x + (size_t)t * D, NULL, &L.p, &c, 1, NULL), 0);
+            cr_expect(memcmp(one.out, all.out + (size_t)t * D, sizeof(float) * D) == 0,
+                      "%d threads: token %d differs alone", th, t);
+        }
+    }
+    omp_set_num_threads(saved);
+    free(x);
+    run_free(&all);
+    run_free(&one);
+    layer_free(&L);
+}
+
 Test(moe_layer, routing_replay) {
     enum { T = 12 };
     moe_cfg c = mkcfg(8, 8, 2, 4, 2, 4, 4, MOE_SCORE_SIGMOID, MOE_TOPK_NOAUX_TC, true, 2.5f);
