@@ -357,7 +357,8 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
         for (size_t i = 0; i < n; i++) y[i] += tmp[i];
     } else {
         const int I = c->intermediate_size;
-        matmul_pair(m, (mm_job){a->hg, a->f, w->mlp.gate, T, d, I, 0.0f}, (mm_job){a->hu, a->f, w->mlp.up, T, d, I, 0.0f});
+        matmul_pair(m, (mm_job){a->hg, a->f, w->mlp.gate, T, d, I, 0.0f},
+                    (mm_job){a->hu, a->f, w->mlp.up, T, d, I, 0.0f});
         BE->swiglu_forward(a->h, a->hg, a->hu, T, I);
         BE->matmul_forward(y, a->h, w->mlp.down, T, I, d, 1.0f, mm);
     }

@@ -479,8 +479,9 @@ Test(attention, absorbed_tiles_equal_rows_alone_on_every_isa) {
     for (int t = 0; t < T; t++) pc[t] = c, pk[t] = kr, len[t] = t + 1;
     mr_err e = {0};
     for (int t = 0; t < T; t++)
-        cr_assert_eq(mla_decode_absorbed_lse(ref + (size_t)t * H * DV, lref + (size_t)t * H, q + (size_t)t * H * (DN + DR),
-                                             pc, pk, &len[t], w, 1, H, DN, DR, DV, R, 0.2f, &e),
+        cr_assert_eq(mla_decode_absorbed_lse(ref + (size_t)t * H * DV, lref + (size_t)t * H,
+                                             q + (size_t)t * H * (DN + DR), pc, pk, &len[t], w, 1, H, DN, DR, DV, R,
+                                             0.2f, &e),
                      0, "%s", e.msg);
     static const dense_isa isas[] = {DENSE_ISA_AUTO, DENSE_ISA_GENERIC, DENSE_ISA_AVX2, DENSE_ISA_AVX512};
     const int saved = omp_get_max_threads();
@@ -493,9 +494,10 @@ Test(attention, absorbed_tiles_equal_rows_alone_on_every_isa) {
                          e.msg);
             omp_set_num_threads(saved);
             dense_force_isa(prev);
-            cr_expect(memcmp(got, ref, sizeof(float) * T * H * DV) == 0, "isa %d, %d threads: tiled rows differ", (int)isas[i],
-                      th);
-            cr_expect(memcmp(lgot, lref, sizeof(float) * T * H) == 0, "isa %d, %d threads: lse differs", (int)isas[i], th);
+            cr_expect(memcmp(got, ref, sizeof(float) * T * H * DV) == 0, "isa %d, %d threads: tiled rows differ",
+                      (int)isas[i], th);
+            cr_expect(memcmp(lgot, lref, sizeof(float) * T * H) == 0, "isa %d, %d threads: lse differs",
+                      (int)isas[i], th);
         }
     free(w), free(c), free(kr), free(q), free(pc), free(pk), free(len), free(ref), free(got), free(lref), free(lgot);
 }

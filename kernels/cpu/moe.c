@@ -82,8 +82,10 @@ int moe_saved_init(moe_saved *s, const moe_cfg *c, int T_max, mr_err *e) {
     size_t T = (size_t)T_max, TK = T * (size_t)c->K, E = (size_t)c->E;
     size_t nf = 0, ni = 0;
     int bad = moe_plan_add(&nf, T * E, sizeof(float)) || moe_plan_add(&nf, TK, sizeof(float)) ||
-              moe_plan_add(&nf, TK * (size_t)c->d, sizeof(float)) || moe_plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) ||
-              moe_plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) || moe_plan_add(&nf, T * (size_t)c->I_s, sizeof(float)) ||
+              moe_plan_add(&nf, TK * (size_t)c->d, sizeof(float)) ||
+              moe_plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) ||
+              moe_plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) ||
+              moe_plan_add(&nf, T * (size_t)c->I_s, sizeof(float)) ||
               moe_plan_add(&nf, T * (size_t)c->I_s, sizeof(float));
     bad = bad || moe_plan_add(&ni, E, sizeof(int64_t)) || moe_plan_add(&ni, TK, sizeof(int32_t)) ||
           moe_plan_add(&ni, E + 1, sizeof(int32_t)) || moe_plan_add(&ni, TK, sizeof(int32_t)) ||

@@ -36,12 +36,6 @@
 #define KV_BQ 32                        // queries per tile (one per lane)
 #define KV_THREADS (KV_WARPS * 32)
 
-#define NOTE(what, why) dense_cuda_note_error(__FILE__, __LINE__, what, why)
-#define NOTE_LAUNCH(name)                                                                                      \
-    do {                                                                                                       \
-        cudaError_t st_ = cudaGetLastError();                                                                  \
-        if (st_ != cudaSuccess) NOTE("launch of " name, cudaGetErrorString(st_));                              \
-    } while (0)
 
 __device__ static float warp_max(float v) {
 #pragma unroll

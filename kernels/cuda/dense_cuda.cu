@@ -38,11 +38,6 @@ static void note_err(const char *file, int line, const char *what, const char *w
         cublasStatus_t st_ = (call);                                                                           \
         if (st_ != CUBLAS_STATUS_SUCCESS) note_err(__FILE__, __LINE__, #call, cublasGetStatusString(st_));     \
     } while (0)
-#define NOTE_LAUNCH(name)                                                                                      \
-    do {                                                                                                       \
-        cudaError_t st_ = cudaGetLastError();                                                                  \
-        if (st_ != cudaSuccess) note_err(__FILE__, __LINE__, "launch of " name, cudaGetErrorString(st_));     \
-    } while (0)
 
 extern "C" int dense_cuda_take_error(mr_err *e) {
     int code = first_err.code;
@@ -83,11 +78,10 @@ static cublasHandle_t cublas(void) {
     return cublas_h;
 }
 
-enum { SCRATCH_A, SCRATCH_B, SCRATCH_C, SCRATCH_SUM, SCRATCH_N };
-static void *scratch[SCRATCH_N];
-static size_t scratch_size[SCRATCH_N];
+static void *scratch[DENSE_CUDA_SCRATCH_N];
+static size_t scratch_size[DENSE_CUDA_SCRATCH_N];
 
-static void *scratch_get(int slot, size_t nbytes) {
+extern "C" void *dense_cuda_scratch(int slot, size_t nbytes) {
     if (nbytes > scratch_size[slot]) {
         cudaFree(scratch[slot]); // synchronizes: nothing in flight still reads the old buffer
         scratch[slot] = NULL;
@@ -104,7 +98,7 @@ static void *scratch_get(int slot, size_t nbytes) {
 }
 
 extern "C" void dense_cuda_release(void) {
-    for (int i = 0; i < SCRATCH_N; i++) {
+    for (int i = 0; i < DENSE_CUDA_SCRATCH_N; i++) {
         cudaFree(scratch[i]);
         scratch[i] = NULL;
         scratch_size[i] = 0;
@@ -193,7 +187,7 @@ __global__ static void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size
 
 // src rounded to bf16 into scratch slot; NULL (error noted) on failure.
 static const __nv_bfloat16 *as_bf16(int slot, const float *src, size_t n) {
-    __nv_bfloat16 *d = (__nv_bfloat16 *)scratch_get(slot, (n ? n : 1) * sizeof(__nv_bfloat16));
+    __nv_bfloat16 *d = (__nv_bfloat16 *)dense_cuda_scratch(slot, (n ? n : 1) * sizeof(__nv_bfloat16));
     if (!d) return NULL;
     to_bf16_kernel<<<grid_for(n, 256), 256>>>(d, src, n);
     NOTE_LAUNCH("to_bf16");
@@ -211,7 +205,7 @@ static void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k
         NOTE_CUBLAS(cublasSgemm(h, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc));
         return;
     }
-    const __nv_bfloat16 *Ab = as_bf16(SCRATCH_A, A, na), *Bb = as_bf16(SCRATCH_B, B, nb);
+    const __nv_bfloat16 *Ab = as_bf16(DENSE_CUDA_SCRATCH_A, A, na), *Bb = as_bf16(DENSE_CUDA_SCRATCH_B, B, nb);
     if (!Ab || !Bb) return;
     NOTE_CUBLAS(cublasGemmEx(h, ta, tb, m, n, k, &alpha, Ab, CUDA_R_16BF, lda, Bb, CUDA_R_16BF, ldb, &beta, C,
                              CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
@@ -511,7 +505,7 @@ __global__ static void xent_kernel(float *loss, double *rowloss, float *dlogits,
 extern "C" double cuda_xent_forward_backward(float *loss, float *dlogits, const float *logits,
                                              const int32_t *target, const float *scale, int T, int V) {
     if (T <= 0 || V <= 0) return 0.0;
-    double *rowloss = (double *)scratch_get(SCRATCH_SUM, (size_t)T * sizeof(double));
+    double *rowloss = (double *)dense_cuda_scratch(DENSE_CUDA_SCRATCH_SUM, (size_t)T * sizeof(double));
     if (!rowloss) return NAN;
     xent_kernel<<<(unsigned)T, XENT_THREADS>>>(loss, rowloss, dlogits, logits, target, scale, V);
     NOTE_LAUNCH("xent");
@@ -660,7 +654,7 @@ extern "C" int cuda_grad_sumsq(double *sumsq, const float *g, size_t n, mr_err *
     if (n == 0) return MR_OK;
     const size_t nb = (n + DENSE_CUDA_SUMSQ_CHUNK - 1) / DENSE_CUDA_SUMSQ_CHUNK;
     if (nb > 0x7fffffffu) return err_set(e, MR_EINVAL, "grad_sumsq: %zu floats are too many for one call", n);
-    double *part = (double *)scratch_get(SCRATCH_SUM, nb * sizeof(double));
+    double *part = (double *)dense_cuda_scratch(DENSE_CUDA_SCRATCH_SUM, nb * sizeof(double));
     if (!part) return dense_cuda_take_error(e);
     sumsq_kernel<<<(unsigned)nb, SUMSQ_THREADS>>>(part, g, n);
     cudaError_t st = cudaGetLastError();

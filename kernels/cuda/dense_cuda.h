@@ -38,8 +38,18 @@ int dense_cuda_take_error(mr_err *e);
 /* Records a failure (file:line: what: why) for dense_cuda_take_error unless one is already kept: the other
  * kernels/cuda files report the failures of their void ops through it too. */
 void dense_cuda_note_error(const char *file, int line, const char *what, const char *why);
-/* Frees the cuBLAS handle and scratch buffers (they are created again on demand). */
+/* Frees the cuBLAS handle and every scratch slot (they are created again on demand). */
 void dense_cuda_release(void);
+
+/* Device scratch for the CUDA ops, one growing buffer per slot (each op file owns its slots); NULL when cudaMalloc
+ * fails (the error is noted for the next sync). A buffer that grows is freed first, which synchronizes. */
+enum {
+    DENSE_CUDA_SCRATCH_A, DENSE_CUDA_SCRATCH_B, DENSE_CUDA_SCRATCH_C, DENSE_CUDA_SCRATCH_SUM, /* dense_cuda.cu */
+    DENSE_CUDA_SCRATCH_MOE_DISPATCH, DENSE_CUDA_SCRATCH_MOE_FLAG, DENSE_CUDA_SCRATCH_MOE_BAL_INT,
+    DENSE_CUDA_SCRATCH_MOE_BAL_ROW, /* moe_cuda.cu */
+    DENSE_CUDA_SCRATCH_N
+};
+void *dense_cuda_scratch(int slot, size_t nbytes);
 
 void cuda_matmul_forward(float *y, const float *x, const float *w, int T, int in, int out, float beta,
                          mm_mode mode);
@@ -79,6 +89,16 @@ int cuda_grad_sumsq(double *sumsq, const float *g, size_t n, mr_err *e);
 
 #ifdef __cplusplus
 }
+#endif
+
+#ifdef __CUDACC__
+/* Notes a failure for the next sync (the table's void ops cannot return one). */
+#define NOTE(what, why) dense_cuda_note_error(__FILE__, __LINE__, what, why)
+#define NOTE_LAUNCH(name)                                                                                      \
+    do {                                                                                                       \
+        cudaError_t st_ = cudaGetLastError();                                                                  \
+        if (st_ != cudaSuccess) NOTE("launch of " name, cudaGetErrorString(st_));                              \
+    } while (0)
 #endif
 
 #endif

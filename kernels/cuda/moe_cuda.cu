@@ -18,12 +18,6 @@
 #define FULL 0xffffffffu
 #define MOE_NORM_EPS 1e-20f // moe.c's
 
-#define NOTE(what, why) dense_cuda_note_error(__FILE__, __LINE__, what, why)
-#define NOTE_LAUNCH(name)                                                                                      \
-    do {                                                                                                       \
-        cudaError_t st_ = cudaGetLastError();                                                                  \
-        if (st_ != cudaSuccess) NOTE("launch of " name, cudaGetErrorString(st_));                              \
-    } while (0)
 #define CUDA_RET(call, e)                                                                                      \
     do {                                                                                                       \
         cudaError_t st_ = (call);                                                                              \
@@ -48,37 +42,8 @@ static unsigned grid_for(size_t n, unsigned threads) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
 
 // ------------------------------------------------------------------------------------------------------------
-// Scratch (device) and buffers
+// Buffers (scratch: dense_cuda_scratch's MOE slots)
 // ------------------------------------------------------------------------------------------------------------
-
-enum { SC_DISPATCH, SC_FLAG, SC_BAL_INT, SC_BAL_ROW, SC_N };
-static void *scratch[SC_N];
-static size_t scratch_size[SC_N];
-
-static void *scratch_get(int slot, size_t nbytes) {
-    if (nbytes == 0) nbytes = 1;
-    if (nbytes > scratch_size[slot]) {
-        cudaFree(scratch[slot]); // synchronizes: nothing in flight still reads the old buffer
-        scratch[slot] = NULL;
-        scratch_size[slot] = 0;
-        cudaError_t st = cudaMalloc(&scratch[slot], nbytes);
-        if (st != cudaSuccess) {
-            NOTE("cudaMalloc(moe scratch)", cudaGetErrorString(st));
-            scratch[slot] = NULL;
-            return NULL;
-        }
-        scratch_size[slot] = nbytes;
-    }
-    return scratch[slot];
-}
-
-extern "C" void moe_cuda_release(void) {
-    for (int i = 0; i < SC_N; i++) {
-        cudaFree(scratch[i]);
-        scratch[i] = NULL;
-        scratch_size[i] = 0;
-    }
-}
 
 // Layout helpers and the T_max check: moe.c's (moe.h).
 
@@ -102,8 +67,10 @@ extern "C" int cuda_moe_saved_init(moe_saved *s, const moe_cfg *c, int T_max, mr
     size_t T = (size_t)T_max, TK = T * (size_t)c->K, E = (size_t)c->E;
     size_t nf = 0, ni = 0, nh = 0;
     int bad = moe_plan_add(&nf, T * E, sizeof(float)) || moe_plan_add(&nf, TK, sizeof(float)) ||
-              moe_plan_add(&nf, TK * (size_t)c->d, sizeof(float)) || moe_plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) ||
-              moe_plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) || moe_plan_add(&nf, T * (size_t)c->I_s, sizeof(float)) ||
+              moe_plan_add(&nf, TK * (size_t)c->d, sizeof(float)) ||
+              moe_plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) ||
+              moe_plan_add(&nf, TK * (size_t)c->I_e, sizeof(float)) ||
+              moe_plan_add(&nf, T * (size_t)c->I_s, sizeof(float)) ||
               moe_plan_add(&nf, T * (size_t)c->I_s, sizeof(float));
     bad = bad || moe_plan_add(&ni, TK, sizeof(int32_t)) || moe_plan_add(&ni, TK, sizeof(int32_t)) ||
           moe_plan_add(&ni, TK, sizeof(int32_t));
@@ -289,7 +256,7 @@ __global__ static void replay_check_kernel(int *first_bad, const int32_t *r, lon
 // moe.c's check_replay, its messages included; syncs.
 static int check_replay(const int32_t *r, int T, int K, int E, mr_err *e) {
     const long TK = (long)T * K;
-    int *flag = (int *)scratch_get(SC_FLAG, sizeof(int));
+    int *flag = (int *)dense_cuda_scratch(DENSE_CUDA_SCRATCH_MOE_FLAG, sizeof(int));
     if (!flag) return dense_cuda_take_error(e);
     const int none = INT_MAX;
     CUDA_RET(cudaMemcpy(flag, &none, sizeof none, cudaMemcpyHostToDevice), e);
@@ -367,7 +334,8 @@ place_kernel(int32_t *order, int32_t *pos, const int32_t *off, const int32_t *id
 // Fills s->order, s->pos (device) and s->off, s->load (host); syncs.
 static int dispatch(moe_saved *s, int T, int K, int E, mr_err *e) {
     const long TK = (long)T * K;
-    int32_t *cnt = (int32_t *)scratch_get(SC_DISPATCH, sizeof(int32_t) * (2 * (size_t)E + 1));
+    int32_t *cnt =
+        (int32_t *)dense_cuda_scratch(DENSE_CUDA_SCRATCH_MOE_DISPATCH, sizeof(int32_t) * (2 * (size_t)E + 1));
     if (!cnt) return dense_cuda_take_error(e);
     int32_t *off = cnt + E;
     CUDA_RET(cudaMemsetAsync(cnt, 0, sizeof(int32_t) * (size_t)E), e);
@@ -671,8 +639,8 @@ extern "C" int cuda_moe_balance_loss(double *loss, float *daff, const float *sco
         t0 += seq_len[q];
     }
     const size_t n_int = (size_t)T + (size_t)nonempty, n_cnt = (size_t)nonempty * (size_t)E;
-    int32_t *d_int = (int32_t *)scratch_get(SC_BAL_INT, sizeof(int32_t) * (n_int + n_cnt));
-    double *d_row = (double *)scratch_get(SC_BAL_ROW, sizeof(double) * (size_t)T);
+    int32_t *d_int = (int32_t *)dense_cuda_scratch(DENSE_CUDA_SCRATCH_MOE_BAL_INT, sizeof(int32_t) * (n_int + n_cnt));
+    double *d_row = (double *)dense_cuda_scratch(DENSE_CUDA_SCRATCH_MOE_BAL_ROW, sizeof(double) * (size_t)T);
     int rc = MR_OK;
     if (!d_int || !d_row) {
         rc = dense_cuda_take_error(e);

@@ -45,9 +45,6 @@ void cuda_moe_backward(float *dx, const moe_grads *g, moe_work *w, const float *
 int cuda_moe_balance_loss(double *loss, float *daff, const float *scores, const int32_t *idx, const int *seq_len,
                           int n_seq, int T, int E, int K, float alpha, mr_err *e);
 
-/* Frees the module's device scratch (allocated again on demand). */
-void moe_cuda_release(void);
-
 #ifdef __cplusplus
 }
 #endif
