@@ -501,3 +501,38 @@ Test(attention, absorbed_tiles_equal_rows_alone_on_every_isa) {
         }
     free(w), free(c), free(kr), free(q), free(pc), free(pk), free(len), free(ref), free(got), free(lref), free(lgot);
 }
+
+/* A batched decode step: many sequences of several rows each (a verify step's rows share their cache), so large
+ * (H · r_kv) that the rows go in several chunks of whole tiles (the absorptions run per head over a chunk), equal
+ * each row decoded alone, bit for bit, lse included, at 1 and 3 threads. A row past the cap joins no chunk twice. */
+Test(attention, absorbed_batched_chunks_equal_rows_alone) {
+    enum { S = 15, RPS = 4, B = S * RPS, H = 16, DN = 8, DR = 4, DV = 8, R = 1100, ROWS = 100 };
+    float *w = randn((size_t)H * (DN + DV) * R, 8, 60, 0.2f), *c = randn((size_t)ROWS * R, 8, 61, 1.0f);
+    float *kr = randn((size_t)ROWS * DR, 8, 62, 1.0f), *q = randn((size_t)B * H * (DN + DR), 8, 63, 1.0f);
+    const float **pc = malloc(sizeof(float *) * B), **pk = malloc(sizeof(float *) * B);
+    int32_t *len = malloc(sizeof(int32_t) * B);
+    float *ref = malloc(sizeof(float) * B * H * DV), *got = malloc(sizeof(float) * B * H * DV);
+    float *lref = malloc(sizeof(float) * B * H), *lgot = malloc(sizeof(float) * B * H);
+    for (int s = 0; s < S; s++) /* sequence s: its own cache (rows s.. of c), lengths ascending, some past 64 keys */
+        for (int r = 0; r < RPS; r++) {
+            const int b = s * RPS + r;
+            pc[b] = c + (size_t)s * R, pk[b] = kr + (size_t)s * DR, len[b] = 1 + (s * 13) % 70 + r;
+        }
+    mr_err e = {0};
+    for (int b = 0; b < B; b++)
+        cr_assert_eq(mla_decode_absorbed_lse(ref + (size_t)b * H * DV, lref + (size_t)b * H,
+                                             q + (size_t)b * H * (DN + DR), &pc[b], &pk[b], &len[b], w, 1, H, DN, DR,
+                                             DV, R, 0.3f, &e),
+                     0, "%s", e.msg);
+    const int saved = omp_get_max_threads();
+    for (int th = 1; th <= 3; th += 2) {
+        omp_set_num_threads(th);
+        memset(got, 0xff, sizeof(float) * B * H * DV);
+        cr_assert_eq(mla_decode_absorbed_lse(got, lgot, q, pc, pk, len, w, B, H, DN, DR, DV, R, 0.3f, &e), 0, "%s",
+                     e.msg);
+        omp_set_num_threads(saved);
+        cr_expect(memcmp(got, ref, sizeof(float) * B * H * DV) == 0, "%d threads: batched rows differ", th);
+        cr_expect(memcmp(lgot, lref, sizeof(float) * B * H) == 0, "%d threads: lse differs", th);
+    }
+    free(w), free(c), free(kr), free(q), free(pc), free(pk), free(len), free(ref), free(got), free(lref), free(lgot);
+}

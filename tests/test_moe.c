@@ -951,7 +951,7 @@ Test(moe_layer, token_alone_equals_token_in_batch) {
 
 /* The same at sizes where a lone token's experts + shared experts run as one parallel region of chunked GEMMs
  * (moe_forward_few through matmul_forward_batch: > 32768 multiply-adds), at 1, 2 and 3 threads, against the batch
- * path (T = 20: experts side by side). */
+ * path (T = 20: experts side by side); and a batched decode step of 12 rows (moe_forward_few too). */
 Test(moe_layer, token_alone_equals_token_in_batch_parallel_few_rows) {
     enum { T = 20, D = 128 };
     moe_cfg c = mkcfg(D, 16, 4, 4, 2, 64, 128, MOE_SCORE_SIGMOID, MOE_TOPK_NOAUX_TC, true, 2.5f);
@@ -959,9 +959,10 @@ Test(moe_layer, token_alone_equals_token_in_batch_parallel_few_rows) {
     layer_init(&L, &c, 43, 0.2f);
     float *x = malloc(sizeof(float) * T * D);
     fill(x, T * D, -1, 1);
-    run all, one;
+    run all, one, mid;
     run_init(&all, &L, T);
     run_init(&one, &L, 1);
+    run_init(&mid, &L, 12);
     cr_assert_eq(moe_forward(all.out, &all.s, &all.w, x, NULL, &L.p, &c, T, NULL), 0);
     const int saved = omp_get_max_threads();
     for (int th = 1; th <= 3; th++) {
@@ -971,11 +972,14 @@ Test(moe_layer, token_alone_equals_token_in_batch_parallel_few_rows) {
             cr_expect(memcmp(one.out, all.out + (size_t)t * D, sizeof(float) * D) == 0,
                       "%d threads: token %d differs alone", th, t);
         }
+        cr_assert_eq(moe_forward(mid.out, &mid.s, &mid.w, x, NULL, &L.p, &c, 12, NULL), 0);
+        cr_expect(memcmp(mid.out, all.out, sizeof(float) * 12 * D) == 0, "%d threads: 12 rows differ", th);
     }
     omp_set_num_threads(saved);
     free(x);
     run_free(&all);
     run_free(&one);
+    run_free(&mid);
     layer_free(&L);
 }
 

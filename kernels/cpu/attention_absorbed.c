@@ -11,10 +11,13 @@
  * The dot and chain kernels are the batch-invariant matmul's (kernels/cpu/dense.h), so the bits are the same on
  * every ISA path and do not depend on which other rows or heads share a tile, or on the thread count.
  *
- * Speed. Rows b..b+R-1 that read the same cache (training rows of one document, or a verify step's two rows) form a
- * tile with every head: R·H queries share each block of keys (MLA's latent is one "KV head" for all heads), so the
- * scores are an (R·H × 64) matrix product over the latent and p·c another, on the matmul's register tiles instead
- * of one dot per query and key. A row whose window ends inside a block gets p = 0 for the keys past its end; a
+ * Speed. The absorptions run per head over all rows of a chunk at once (q̃ for every row through W_UK[h], then
+ * W_UV[h] over every row's z), so each head's block of kv_b is read once per chunk rather than once per row: in a
+ * batched decode step every row reads its own cache, and per-row absorptions read all of kv_b from L2 per row.
+ * In between, rows b..b+R-1 that read the same cache (training rows of one document, or a verify step's two rows)
+ * form a tile with every head: R·H queries share each block of keys (MLA's latent is one "KV head" for all heads),
+ * so the scores are an (R·H × 64) matrix product over the latent and p·c another, on the matmul's register tiles
+ * instead of one dot per query and key. A row whose window ends inside a block gets p = 0 for the keys past its end; a
  * fused chain from +0 is unchanged by adding 0·c (x + ±0 = x, and +0 + −0 = +0), so its bits are those it has
  * alone. (The keys past a row's end are then read, so they must be finite: the tile's later rows' latents.) */
 #include <math.h>
@@ -27,7 +30,11 @@
 
 #define TILE_QUERIES 64 /* rows × heads per tile, at most (dense_det_acc's block): only speed depends on it */
 
+/* q̃ and z of a chunk of rows take at most this many floats (a chunk holds one tile at least) */
+#define CHUNK_FLOATS ((size_t)1 << 20)
+
 static inline int imin(int a, int b) { return a < b ? a : b; }
+static inline int imax(int a, int b) { return a > b ? a : b; }
 
 typedef struct {
     const float *q, *const *c_kv, *const *k_rope, *w_kvb;
@@ -35,6 +42,9 @@ typedef struct {
     float *out, *lse;
     int H, d_nope, d_rope, d_v, r_kv;
     float scale;
+    /* the chunk of rows c0..c0+n-1: q̃ and z head-major, (H, n, r_kv); m and l row-major, (n, H) */
+    float *qt, *z, *m, *l;
+    int c0, n;
 } abs_args;
 
 /* Per-thread scratch of one tile of R rows × G heads, head-major (query i = g·R + r). */
@@ -59,17 +69,20 @@ static abs_scratch scratch_carve(float *base, int RH, int r_kv, int d_rope) {
 }
 
 /* Rows b0..b0+R-1 (the same cache, lengths ascending) × heads h0..h0+G-1. */
-static void tile(const abs_args *a, const abs_scratch *S, int b0, int R, int h0, int G) {
-    const int H = a->H, dn = a->d_nope, dr = a->d_rope, dv = a->d_v, rkv = a->r_kv, dqk = dn + dr, RG = R * G;
-    const size_t hs = (size_t)(dn + dv) * (size_t)rkv; /* one head's block of kv_b */
+static void tile(const abs_args *a, const abs_scratch *S0, int b0, int R, int h0, int G) {
+    const int H = a->H, dn = a->d_nope, dr = a->d_rope, rkv = a->r_kv, dqk = dn + dr, RG = R * G, nc = a->n;
     const float *cb = a->c_kv[b0], *kb = a->k_rope[b0];
-    memset(S->qt, 0, sizeof(float) * (size_t)RG * rkv);
+    /* a chunk of this one tile has q̃ and z in the tile's own layout (query g·R + r): used in place */
+    abs_scratch Sv = *S0, *S = &Sv;
+    const int own = nc == R;
+    if (own) S->qt = a->qt + (size_t)h0 * R * rkv, S->z = a->z + (size_t)h0 * R * rkv;
     memset(S->z, 0, sizeof(float) * (size_t)RG * rkv);
     for (int g = 0; g < G; g++) {
         const int h = h0 + g;
-        /* q̃ of head h for the R rows: their q_nope (rows H·d_qk apart) through W_UK[h] */
-        dense_det_acc(S->qt + (size_t)g * R * rkv, (size_t)rkv, a->q + ((size_t)b0 * H + h) * dqk, (size_t)H * dqk, 1,
-                      a->w_kvb + (size_t)h * hs, (size_t)rkv, R, rkv, dn);
+        /* the R rows' q̃ of head h (absorbed already) and their RoPE queries */
+        if (!own)
+            memcpy(S->qt + (size_t)g * R * rkv, a->qt + ((size_t)h * nc + (size_t)(b0 - a->c0)) * rkv,
+                   sizeof(float) * (size_t)R * rkv);
         for (int r = 0; r < R; r++)
             memcpy(S->qp + ((size_t)g * R + r) * dr, a->q + ((size_t)(b0 + r) * H + h) * dqk + dn, sizeof(float) * dr);
     }
@@ -125,18 +138,46 @@ static void tile(const abs_args *a, const abs_scratch *S, int b0, int R, int h0,
                           (size_t)rkv, rows, rkv, nk);
         }
     }
-    /* out = W_UV[h] z / l, written straight into (B, H, d_v) */
+    /* z, m, l back to the chunk's buffers: W_UV runs per head over the whole chunk (absorb_out) */
     for (int g = 0; g < G; g++) {
         const int h = h0 + g;
-        float *o = a->out + ((size_t)b0 * H + h) * dv;
-        dense_det_dot(o, H * dv, S->z + (size_t)g * R * rkv, a->w_kvb + (size_t)h * hs + (size_t)dn * rkv, rkv, 0, R,
-                      dv);
+        if (!own)
+            memcpy(a->z + ((size_t)h * nc + (size_t)(b0 - a->c0)) * rkv, S->z + (size_t)g * R * rkv,
+                   sizeof(float) * (size_t)R * rkv);
         for (int r = 0; r < R; r++) {
-            const int i = g * R + r;
-            float *orow = o + (size_t)r * H * dv;
-            for (int c = 0; c < dv; c++) orow[c] /= S->l[i];
-            if (a->lse) a->lse[(size_t)(b0 + r) * H + h] = S->m[i] + logf(S->l[i]);
+            const size_t i = (size_t)(b0 - a->c0 + r) * H + (size_t)h;
+            a->m[i] = S->m[g * R + r];
+            a->l[i] = S->l[g * R + r];
         }
+    }
+}
+
+/* Rows blocks of a chunk, per head: the unit of work of the two absorptions. */
+#define ABSORB_ROWS 64
+
+/* q̃ of head h, chunk rows r0..r0+nr-1: their q_nope (rows H·d_qk apart) through W_UK[h]. */
+static void absorb_in(const abs_args *a, int h, int r0, int nr) {
+    const int H = a->H, dn = a->d_nope, dqk = dn + a->d_rope, rkv = a->r_kv;
+    const size_t hs = (size_t)(dn + a->d_v) * (size_t)rkv; /* one head's block of kv_b */
+    float *qt = a->qt + ((size_t)h * a->n + (size_t)r0) * rkv;
+    memset(qt, 0, sizeof(float) * (size_t)nr * rkv);
+    dense_det_acc(qt, (size_t)rkv, a->q + ((size_t)(a->c0 + r0) * H + h) * dqk, (size_t)H * dqk, 1,
+                  a->w_kvb + (size_t)h * hs, (size_t)rkv, nr, rkv, dn);
+}
+
+/* out = W_UV[h] z / l for head h, chunk rows r0..r0+nr-1, written straight into (B, H, d_v); lse = m + log l. */
+static void absorb_out(const abs_args *a, int h, int r0, int nr) {
+    const int H = a->H, dn = a->d_nope, dv = a->d_v, rkv = a->r_kv;
+    const size_t hs = (size_t)(dn + dv) * (size_t)rkv;
+    const int b0 = a->c0 + r0;
+    float *o = a->out + ((size_t)b0 * H + h) * dv;
+    dense_det_dot(o, H * dv, a->z + ((size_t)h * a->n + (size_t)r0) * rkv, a->w_kvb + (size_t)h * hs + (size_t)dn * rkv,
+                  rkv, 0, nr, dv);
+    for (int r = 0; r < nr; r++) {
+        const size_t i = (size_t)(r0 + r) * H + (size_t)h;
+        float *orow = o + (size_t)r * H * dv;
+        for (int c = 0; c < dv; c++) orow[c] /= a->l[i];
+        if (a->lse) a->lse[(size_t)(b0 + r) * H + h] = a->m[i] + logf(a->l[i]);
     }
 }
 
@@ -173,9 +214,14 @@ int mla_decode_absorbed_lse(float *out, float *lse, const float *q, const float 
     /* fewer tiles than threads (decode of one sequence): the heads are split too */
     const int maxthr = omp_get_max_threads();
     const int ng = nt >= maxthr ? 1 : imin(H, (maxthr + nt - 1) / nt), G = (H + ng - 1) / ng;
-    const int ntask = nt * ng, nthr = ntask > 1 ? maxthr : 1, RH = Rmax * G;
-    size_t per = scratch_floats(RH, r_kv, d_rope), n;
-    if (size_mul(per, (size_t)nthr, &n) || size_mul(n, sizeof(float), &n)) {
+    const int nthr = nt * ng > 1 || H > 1 ? maxthr : 1;
+    int Rtop = 1; /* the largest tile: the per-thread scratch holds one */
+    for (int t = 0; t < nt; t++) Rtop = imax(Rtop, start[t + 1] - start[t]);
+    /* chunks of whole tiles whose q̃ and z take at most CHUNK_FLOATS (one tile at least) */
+    const int cap = imin(B, imax(Rtop, (int)(CHUNK_FLOATS / (2 * (size_t)H * (size_t)r_kv))));
+    size_t per = scratch_floats(Rtop * G, r_kv, d_rope), hq = (size_t)cap * (size_t)H, n;
+    if (size_mul(per, (size_t)nthr, &n) || size_add(n, 2 * hq * (size_t)r_kv + 2 * hq, &n) ||
+        size_mul(n, sizeof(float), &n)) {
         mem_free(start);
         return err_set(e, MR_ENOMEM, "mla_decode_absorbed: scratch size overflows (r_kv=%d)", r_kv);
     }
@@ -184,16 +230,49 @@ int mla_decode_absorbed_lse(float *out, float *lse, const float *q, const float 
         mem_free(start);
         return err_set(e, MR_ENOMEM, "mla_decode_absorbed: out of memory for %zu bytes of scratch", n);
     }
-    const abs_args a = {.q = q, .c_kv = c_kv, .k_rope = k_rope, .w_kvb = w_kvb, .len = len, .out = out, .lse = lse,
-                        .H = H, .d_nope = d_nope, .d_rope = d_rope, .d_v = d_v, .r_kv = r_kv, .scale = scale};
-    /* the last tiles have the longest windows: they go first */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthr) if (ntask > 1)
-    for (int k = ntask - 1; k >= 0; k--) {
-        const int t = k / ng, h0 = (k % ng) * G, b0 = start[t], R = start[t + 1] - b0;
-        if (h0 >= H) continue;
-        const int g = imin(G, H - h0);
-        const abs_scratch S = scratch_carve(scratch + (size_t)omp_get_thread_num() * per, R * g, r_kv, d_rope);
-        tile(&a, &S, b0, R, h0, g);
+    float *chunk = scratch + per * (size_t)nthr;
+    const abs_args a0 = {.q = q, .c_kv = c_kv, .k_rope = k_rope, .w_kvb = w_kvb, .len = len, .out = out, .lse = lse,
+                         .H = H, .d_nope = d_nope, .d_rope = d_rope, .d_v = d_v, .r_kv = r_kv, .scale = scale,
+                         .qt = chunk, .z = chunk + hq * r_kv, .m = chunk + 2 * hq * r_kv, .l = chunk + 2 * hq * r_kv + hq};
+#pragma omp parallel num_threads(nthr) if (nthr > 1)
+    for (int t0 = 0, t1; t0 < nt; t0 = t1) {
+        for (t1 = t0 + 1; t1 < nt && start[t1 + 1] - start[t0] <= cap;) t1++;
+        abs_args a = a0;
+        a.c0 = start[t0], a.n = start[t1] - start[t0];
+        /* one tile (decode of one sequence): its tasks absorb their own heads, with no barrier in between */
+        const int one = t1 - t0 == 1, nrb = (a.n + ABSORB_ROWS - 1) / ABSORB_ROWS, ntask = (t1 - t0) * ng;
+        if (!one) {
+#pragma omp for schedule(dynamic, 1)
+            for (int k = 0; k < H * nrb; k++) {
+                const int r0 = k % nrb * ABSORB_ROWS;
+                absorb_in(&a, k / nrb, r0, imin(ABSORB_ROWS, a.n - r0));
+            }
+        }
+        /* the last tiles have the longest windows: they go first */
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int k = ntask - 1; k >= 0; k--) {
+            const int t = t0 + k / ng, h0 = (k % ng) * G, b0 = start[t], R = start[t + 1] - b0;
+            if (h0 >= H) continue;
+            const int g = imin(G, H - h0);
+            const abs_scratch S = scratch_carve(scratch + (size_t)omp_get_thread_num() * per, R * g, r_kv, d_rope);
+            if (one)
+                for (int h = h0; h < h0 + g; h++) absorb_in(&a, h, 0, R);
+            tile(&a, &S, b0, R, h0, g);
+            if (one)
+                for (int h = h0; h < h0 + g; h++) absorb_out(&a, h, 0, R);
+        }
+        if (!one) {
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int k = 0; k < H * nrb; k++) {
+                const int r0 = k % nrb * ABSORB_ROWS;
+                absorb_out(&a, k / nrb, r0, imin(ABSORB_ROWS, a.n - r0));
+            }
+        }
+        /* the next chunk reuses the buffers (the region's end waits after the last) */
+        if (t1 < nt) {
+#pragma omp barrier
+        }
     }
     mem_free(scratch);
     mem_free(start);

@@ -235,10 +235,12 @@ __attribute__((target("avx512f"), always_inline)) static inline void det_rows_av
         for (int r = 0; r < R; r++)
             for (int b = 0; b < 8; b++) c[r][b] = _mm512_setzero_ps();
         int i = 0;
+        const int pf = o + 8 < o1; /* fetch the next 8 w rows while these stream (prefetches never fault) */
         for (; i < nfull; i += DET_LANES) {
             __m512 a[3];
             for (int r = 0; r < R; r++) a[r] = _mm512_loadu_ps(xr[r] + i);
             for (int b = 0; b < 8; b++) {
+                if (pf) _mm_prefetch((const char *)(wb[b] + 8 * (size_t)in + i), _MM_HINT_T0);
                 __m512 v = _mm512_loadu_ps(wb[b] + i);
                 for (int r = 0; r < R; r++) c[r][b] = _mm512_fmadd_ps(a[r], v, c[r][b]);
             }
@@ -262,32 +264,22 @@ __attribute__((target("avx512f"), always_inline)) static inline void det_rows_av
     }
 }
 
-/* The 4x4 register tile. Rows past t1 / columns past o1 repeat the last valid one and are not stored: every element
- * is computed the same way wherever it sits. */
-__attribute__((target("avx512f"))) static void det_block_avx512(float *y, const float *x, const float *w, int in,
-                                                                int out, int beta, int t0, int t1, int o0, int o1) {
+/* One 4x4 register tile: rows t..t+3 of x against w rows o..o+no-1 (no <= 4; missing ones repeat the last valid one
+ * and are not stored: every element is computed the same way wherever it sits). pf: pfs cache lines to prefetch
+ * per step, or NULL. */
+__attribute__((target("avx512f"), always_inline)) static inline void det_tile44_avx512(float *y, const float *x,
+                                                                                     const float *w, int in, int out,
+                                                                                     int beta, int t, int o, int no,
+                                                                                     const char *pf, int pfs) {
     const int nfull = in / DET_LANES * DET_LANES;
     const __mmask16 tail = (__mmask16)((1u << (in - nfull)) - 1u);
-    for (int t = t0; t < t1; t += DET_TR) {
-        const int nt = t1 - t < DET_TR ? t1 - t : DET_TR;
-        if (nt < DET_TR) {
-            if (nt == 1) det_rows_avx512(y, x, w, in, out, beta, t, 1, o0, o1);
-            else if (nt == 2) det_rows_avx512(y, x, w, in, out, beta, t, 2, o0, o1);
-            else det_rows_avx512(y, x, w, in, out, beta, t, 3, o0, o1);
-            break;
-        }
-        const float *x0 = x + (size_t)t * in;
-        const float *x1 = x + (size_t)(t + (nt > 1 ? 1 : 0)) * in;
-        const float *x2 = x + (size_t)(t + (nt > 2 ? 2 : nt - 1)) * in;
-        const float *x3 = x + (size_t)(t + (nt > 3 ? 3 : nt - 1)) * in;
-        for (int o = o0; o < o1; o += DET_TO) {
-            const int no = o1 - o < DET_TO ? o1 - o : DET_TO;
-            const float *w0 = w + (size_t)o * in;
-            const float *w1 = w + (size_t)(o + (no > 1 ? 1 : 0)) * in;
-            const float *w2 = w + (size_t)(o + (no > 2 ? 2 : no - 1)) * in;
-            const float *w3 = w + (size_t)(o + (no > 3 ? 3 : no - 1)) * in;
-            __m512 c[16];
-            for (int k = 0; k < 16; k++) c[k] = _mm512_setzero_ps();
+    const float *x0 = x + (size_t)t * in, *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;
+    const float *w0 = w + (size_t)o * in;
+    const float *w1 = w + (size_t)(o + (no > 1 ? 1 : 0)) * in;
+    const float *w2 = w + (size_t)(o + (no > 2 ? 2 : no - 1)) * in;
+    const float *w3 = w + (size_t)(o + (no > 3 ? 3 : no - 1)) * in;
+    __m512 c[16];
+    for (int k = 0; k < 16; k++) c[k] = _mm512_setzero_ps();
 #define DET_STEP(LOAD)                                                                                               \
     do {                                                                                                             \
         __m512 a0 = LOAD(x0), a1 = LOAD(x1), a2 = LOAD(x2), a3 = LOAD(x3), b;                                         \
@@ -307,38 +299,68 @@ __attribute__((target("avx512f"))) static void det_block_avx512(float *y, const 
 #define LOAD_FULL(p) _mm512_loadu_ps((p) + i)
 /* Zero lanes add fma(0, 0, acc) = acc exactly (acc is never -0), so the masked step equals the short lane loop. */
 #define LOAD_TAIL(p) _mm512_maskz_loadu_ps(tail, (p) + i)
-            int i = 0;
-            for (; i < nfull; i += DET_LANES) DET_STEP(LOAD_FULL);
-            if (tail) DET_STEP(LOAD_TAIL);
+    int i = 0;
+    for (; i < nfull; i += DET_LANES) {
+        if (pf) {
+            for (int k = 0; k < pfs; k++) _mm_prefetch(pf + k * 64, _MM_HINT_T0);
+            pf += pfs * 64;
+        }
+        DET_STEP(LOAD_FULL);
+    }
+    if (tail) DET_STEP(LOAD_TAIL);
 #undef LOAD_FULL
 #undef LOAD_TAIL
 #undef DET_STEP
-            __m512 r = det_reduce16(c);
-            if (nt == DET_TR && no == DET_TO) {
-                float *yr = y + (size_t)t * out + o;
-                __m128 r0 = _mm512_extractf32x4_ps(r, 0), r1 = _mm512_extractf32x4_ps(r, 1);
-                __m128 r2 = _mm512_extractf32x4_ps(r, 2), r3 = _mm512_extractf32x4_ps(r, 3);
-                if (beta) {
-                    r0 = _mm_add_ps(_mm_loadu_ps(yr), r0);
-                    r1 = _mm_add_ps(_mm_loadu_ps(yr + out), r1);
-                    r2 = _mm_add_ps(_mm_loadu_ps(yr + 2 * (size_t)out), r2);
-                    r3 = _mm_add_ps(_mm_loadu_ps(yr + 3 * (size_t)out), r3);
-                }
-                _mm_storeu_ps(yr, r0);
-                _mm_storeu_ps(yr + out, r1);
-                _mm_storeu_ps(yr + 2 * (size_t)out, r2);
-                _mm_storeu_ps(yr + 3 * (size_t)out, r3);
-            } else {
-                float s[16];
-                _mm512_storeu_ps(s, r);
-                for (int a = 0; a < nt; a++)
-                    for (int b = 0; b < no; b++) {
-                        float *yo = y + (size_t)(t + a) * out + o + b;
-                        *yo = beta ? *yo + s[a * 4 + b] : s[a * 4 + b];
-                    }
-            }
+    __m512 r = det_reduce16(c);
+    if (no == DET_TO) {
+        float *yr = y + (size_t)t * out + o;
+        __m128 r0 = _mm512_extractf32x4_ps(r, 0), r1 = _mm512_extractf32x4_ps(r, 1);
+        __m128 r2 = _mm512_extractf32x4_ps(r, 2), r3 = _mm512_extractf32x4_ps(r, 3);
+        if (beta) {
+            r0 = _mm_add_ps(_mm_loadu_ps(yr), r0);
+            r1 = _mm_add_ps(_mm_loadu_ps(yr + out), r1);
+            r2 = _mm_add_ps(_mm_loadu_ps(yr + 2 * (size_t)out), r2);
+            r3 = _mm_add_ps(_mm_loadu_ps(yr + 3 * (size_t)out), r3);
         }
+        _mm_storeu_ps(yr, r0);
+        _mm_storeu_ps(yr + out, r1);
+        _mm_storeu_ps(yr + 2 * (size_t)out, r2);
+        _mm_storeu_ps(yr + 3 * (size_t)out, r3);
+    } else {
+        float s[16];
+        _mm512_storeu_ps(s, r);
+        for (int a = 0; a < DET_TR; a++)
+            for (int b = 0; b < no; b++) {
+                float *yo = y + (size_t)(t + a) * out + o + b;
+                *yo = beta ? *yo + s[a * 4 + b] : s[a * 4 + b];
+            }
     }
+}
+
+/* Rows t0..t1 x w rows o0..o1 in 4x4 tiles, the last t1 - t0 mod 4 rows in an R x 8 tile. Up to 16 rows (decode):
+ * the w rows outermost, so each group of 4 is read from memory once (then from L1 for every tile of x rows, which
+ * stay in L1) and the next group is prefetched across them: the stream of w overlaps the FMAs. More rows: a tile of
+ * x rows stays in L1 while the block of w (sized for L2, det_forward) streams past it, which measured faster there.
+ * The order changes which tile runs when, never how an element is computed. */
+__attribute__((target("avx512f"))) static void det_block_avx512(float *y, const float *x, const float *w, int in,
+                                                                int out, int beta, int t0, int t1, int o0, int o1) {
+    const int tf = t0 + (t1 - t0) / DET_TR * DET_TR, rest = t1 - tf, ntile = (tf - t0) / DET_TR;
+    if (ntile > 0 && ntile <= 4)
+        for (int o = o0; o < o1; o += DET_TO) {
+            const int no = o1 - o < DET_TO ? o1 - o : DET_TO, steps = in / DET_LANES;
+            /* the next 4 w rows (contiguous, in / 4 cache lines) in equal shares per step of these tiles */
+            const int pfs = steps > 0 && o + 2 * DET_TO <= o1 ? (in / 4 + ntile * steps - 1) / (ntile * steps) : 0;
+            const char *pf = (const char *)(w + (size_t)(o + DET_TO) * in);
+            for (int t = t0; t < tf; t += DET_TR, pf += (size_t)pfs * steps * 64)
+                det_tile44_avx512(y, x, w, in, out, beta, t, o, no, pfs ? pf : NULL, pfs);
+        }
+    else
+        for (int t = t0; t < tf; t += DET_TR)
+            for (int o = o0; o < o1; o += DET_TO)
+                det_tile44_avx512(y, x, w, in, out, beta, t, o, o1 - o < DET_TO ? o1 - o : DET_TO, NULL, 0);
+    if (rest == 1) det_rows_avx512(y, x, w, in, out, beta, tf, 1, o0, o1);
+    else if (rest == 2) det_rows_avx512(y, x, w, in, out, beta, tf, 2, o0, o1);
+    else if (rest == 3) det_rows_avx512(y, x, w, in, out, beta, tf, 3, o0, o1);
 }
 #endif
 
@@ -554,7 +576,7 @@ void matmul_forward_batch(const mm_job *jobs, int n, mm_mode mode) {
     double work = 0.0;
     for (int j = 0; j < n; j++) {
         assert(jobs[j].T >= 0 && jobs[j].in >= 0 && jobs[j].out >= 0);
-        if (jobs[j].T > 8) small = 0;
+        if (jobs[j].T > 16) small = 0;
         work += (double)jobs[j].T * jobs[j].in * jobs[j].out;
     }
     const int nth = omp_get_max_threads();

@@ -19,7 +19,7 @@
 /* Below this many multiply-adds per expert GEMM, experts run side by side instead of one after another. */
 #define MOE_PAR_EXPERT_WORK (1 << 20)
 /* At most this many rows (and 8 times as many (token, expert) pairs) take moe_forward_few. */
-#define MOE_FEW_ROWS 8
+#define MOE_FEW_ROWS 16
 
 /* ---- Configuration and buffers ---------------------------------------------------------------------------- */
 
