@@ -242,6 +242,7 @@ __attribute__((target("avx512f"), always_inline)) static inline void det_rows_av
             for (int b = 0; b < 8; b++) {
                 if (pf) _mm_prefetch((const char *)(wb[b] + 8 * (size_t)in + i), _MM_HINT_T0);
                 __m512 v = _mm512_loadu_ps(wb[b] + i);
+                if (R > 1) __asm__("" : "+v"(v)); /* one load for the R FMAs, not one folded into each */
                 for (int r = 0; r < R; r++) c[r][b] = _mm512_fmadd_ps(a[r], v, c[r][b]);
             }
         }
@@ -253,14 +254,21 @@ __attribute__((target("avx512f"), always_inline)) static inline void det_rows_av
                 for (int r = 0; r < R; r++) c[r][b] = _mm512_fmadd_ps(a[r], v, c[r][b]);
             }
         }
-        for (int r = 0; r < R; r++)
-            for (int b = 0; b < no; b++) {
-                float lanes[DET_LANES];
-                _mm512_storeu_ps(lanes, c[r][b]);
-                float sum = det_tree(lanes);
+        /* the trees of 16 accumulators at a time in vector form (det_reduce16: input k = r·8 + b comes out in lane
+         * 4·(k mod 4) + k / 4), unused inputs zero */
+        __m512 v[32];
+        for (int k = 0; k < 32; k++) v[k] = k < R * 8 ? c[k / 8][k % 8] : _mm512_setzero_ps();
+        for (int k0 = 0; k0 < R * 8; k0 += 16) {
+            float s[16];
+            _mm512_storeu_ps(s, det_reduce16(v + k0));
+            for (int k = k0; k < k0 + 16 && k < R * 8; k++) {
+                const int r = k / 8, b = k % 8, kk = k - k0;
+                if (b >= no) continue;
+                const float sum = s[4 * (kk % 4) + kk / 4];
                 float *yo = y + (size_t)(t + r) * out + o + b;
                 *yo = beta ? *yo + sum : sum;
             }
+        }
     }
 }
 
@@ -568,16 +576,21 @@ static void op_run(const op_args *p) {
     }
 }
 
-/* Jobs of equal work (whole 8-row multiples of w rows, all x rows of the job) so that a static split gives every
- * thread the same bytes of w to stream: few rows are bandwidth-bound, and a parallel region per small GEMM costs
- * more than the GEMM (decode). Many rows: one matmul_forward after another, each threaded itself. */
+/* A w row read for T x rows costs about (T + BATCH_ROW_BYTES) row-dots: at a few rows the bytes of w dominate
+ * (bandwidth-bound), at many the FMAs. */
+#define BATCH_ROW_BYTES 12
+
+/* Chunks of about equal cost (whole 8-row multiples of w rows, all x rows of the job), taken dynamically by the
+ * threads: few rows are bandwidth-bound, and a parallel region per small GEMM costs more than the GEMM (decode).
+ * Many rows: one matmul_forward after another, each threaded itself. */
 void matmul_forward_batch(const mm_job *jobs, int n, mm_mode mode) {
     int small = mode == MM_DET;
-    double work = 0.0;
+    double work = 0.0, cost = 0.0;
     for (int j = 0; j < n; j++) {
         assert(jobs[j].T >= 0 && jobs[j].in >= 0 && jobs[j].out >= 0);
         if (jobs[j].T > 16) small = 0;
         work += (double)jobs[j].T * jobs[j].in * jobs[j].out;
+        if (jobs[j].T > 0) cost += (double)(jobs[j].T + BATCH_ROW_BYTES) * jobs[j].in * jobs[j].out;
     }
     const int nth = omp_get_max_threads();
     enum { MAXCH = 512 };
@@ -591,11 +604,11 @@ void matmul_forward_batch(const mm_job *jobs, int n, mm_mode mode) {
         int o0, o1;
     } ch[MAXCH];
     int nch = 0;
-    const double per = work / (4.0 * nth); /* ~4 chunks per thread */
+    const double per = cost / (4.0 * nth); /* ~4 chunks per thread */
     for (int j = 0; j < n; j++) {
         const mm_job *q = &jobs[j];
         if (q->T == 0 || q->out == 0) continue;
-        const double row = (double)q->T * (q->in > 0 ? q->in : 1);
+        const double row = (double)(q->T + BATCH_ROW_BYTES) * (q->in > 0 ? q->in : 1);
         int ob = (int)(per / row) / 8 * 8;
         if (ob < 8) ob = 8;
         const int room = MAXCH - nch - (n - 1 - j); /* >= 1: one chunk kept for each job still to come */
@@ -604,7 +617,7 @@ void matmul_forward_batch(const mm_job *jobs, int n, mm_mode mode) {
             ch[nch].job = (short)j, ch[nch].o0 = o0, ch[nch].o1 = o0 + ob < q->out ? o0 + ob : q->out, nch++;
     }
     det_block_fn fn = det_block_for(dense_active_isa());
-#pragma omp parallel for schedule(static, 1)
+#pragma omp parallel for schedule(dynamic, 1)
     for (int k = 0; k < nch; k++) {
         const mm_job *q = &jobs[ch[k].job];
         fn(q->y, q->x, q->w, q->in, q->out, q->beta != 0.0f, 0, q->T, ch[k].o0, ch[k].o1);
