@@ -162,7 +162,7 @@ static void bench_decode(const model_config *c, mm_mode mm, int B, int P, int N,
     model_kv_floats(&m, P + 2 * N + 1, &fc, &fk);
     model_kv *kv = calloc((size_t)B, sizeof *kv);
     model_kv **kvp = malloc(sizeof *kvp * (size_t)B);
-    float *mem = malloc(sizeof(float) * (fc + fk) * (size_t)B);
+    float *mem = mem_alloc_aligned(sizeof(float) * (fc + fk) * (size_t)B); /* as the rollout engine's caches */
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)Tp * 3), *pos = ids + Tp, *doc = ids + 2 * Tp;
     int32_t *step = malloc(sizeof(int32_t) * (size_t)B * (size_t)(2 * N + 1));
     if (!kv || !kvp || !mem || !ids || !step) {
@@ -207,7 +207,7 @@ static void bench_decode(const model_config *c, mm_mode mm, int B, int P, int N,
     *decode_tps = (double)B * N / dbest;
     free(step);
     free(ids);
-    free(mem);
+    mem_free_aligned(mem);
     free(kvp);
     free(kv);
     model_free(&m);

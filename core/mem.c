@@ -2,6 +2,7 @@
 #include "core/mem.h"
 
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <string.h>
 
 static _Thread_local long fail_countdown = 0; /* per thread, so parallel tests do not interfere */
@@ -47,12 +48,22 @@ char *mem_strndup(const char *s, size_t n) {
 
 char *mem_strdup(const char *s) { return mem_strndup(s, strlen(s)); }
 
+/* From this size on, a buffer is aligned to and rounded up to 2 MiB and asks for transparent huge pages: weights,
+ * gradients, optimizer state, activations and KV caches are streamed whole, and with 4 KiB pages every 64 cache
+ * lines cost a TLB miss (a two-level page walk under a hypervisor) and every first touch a page fault. */
+#define HUGE_MIN ((size_t)4 << 20)
+#define HUGE_PAGE ((size_t)2 << 20)
+
 void *mem_alloc_aligned(size_t n) {
     if (should_fail()) return NULL;
     void *p = NULL;
-    size_t rounded = (n + 63) & ~(size_t)63;
+    const size_t align = n >= HUGE_MIN ? HUGE_PAGE : 64;
+    size_t rounded = (n + align - 1) & ~(align - 1);
     if (rounded < n) return NULL;
-    if (posix_memalign(&p, 64, rounded ? rounded : 64) != 0) return NULL;
+    if (posix_memalign(&p, align, rounded ? rounded : 64) != 0) return NULL;
+#ifdef MADV_HUGEPAGE
+    if (align == HUGE_PAGE) (void)madvise(p, rounded, MADV_HUGEPAGE); /* a hint: without THP nothing changes */
+#endif
     return p;
 }
 
