@@ -152,7 +152,7 @@ static void tile(const abs_args *a, const abs_scratch *S0, int b0, int R, int h0
     }
 }
 
-/* Rows blocks of a chunk, per head: the unit of work of the two absorptions. */
+/* Row blocks of a chunk, per head: the unit of work of the two absorptions. */
 #define ABSORB_ROWS 64
 
 /* q̃ of head h, chunk rows r0..r0+nr-1: their q_nope (rows H·d_qk apart) through W_UK[h]. */
@@ -233,7 +233,8 @@ int mla_decode_absorbed_lse(float *out, float *lse, const float *q, const float 
     float *chunk = scratch + per * (size_t)nthr;
     const abs_args a0 = {.q = q, .c_kv = c_kv, .k_rope = k_rope, .w_kvb = w_kvb, .len = len, .out = out, .lse = lse,
                          .H = H, .d_nope = d_nope, .d_rope = d_rope, .d_v = d_v, .r_kv = r_kv, .scale = scale,
-                         .qt = chunk, .z = chunk + hq * r_kv, .m = chunk + 2 * hq * r_kv, .l = chunk + 2 * hq * r_kv + hq};
+                         .qt = chunk, .z = chunk + hq * r_kv, .m = chunk + 2 * hq * r_kv,
+                         .l = chunk + 2 * hq * r_kv + hq};
 #pragma omp parallel num_threads(nthr) if (nthr > 1)
     for (int t0 = 0, t1; t0 < nt; t0 = t1) {
         for (t1 = t0 + 1; t1 < nt && start[t1 + 1] - start[t0] <= cap;) t1++;
