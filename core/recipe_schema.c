@@ -18,7 +18,7 @@
 #define GT(lo) .flags = RF_MIN | RF_MIN_EXCL, .min = (lo)
 #define IN(lo, hi) .flags = RF_MIN | RF_MAX, .min = (lo), .max = (hi)
 
-static const char *const device_values[] = {"cpu", "cuda", NULL};
+static const char *const device_values[] = {"cpu", "cuda", "cpu-guarded", NULL};
 static const char *const backward_gemm_values[] = {"blas", "det", NULL};
 static const char *const preset_values[] = {"tiny", NULL};
 static const char *const style_values[] = {"hash", "tags", NULL};
@@ -40,7 +40,7 @@ static const recipe_field run_fields[] = {
     {"seed", RT_INT, .def = "0", GE(0), .doc = "seed of every random stream (data order, init, sampling)"},
     {"store", RT_STRING, .def = "\"runs.db\"", .doc = "SQLite run store: runs, metrics, samples, checkpoints"},
     {"out_dir", RT_STRING, .def = "\"runs\"", .doc = "directory for checkpoints and exported models"},
-    {"device", RT_ENUM, .def = "cpu", .values = device_values, .doc = "backend that runs the model"},
+    {"device", RT_ENUM, .def = "cpu", .values = device_values, .doc = "backend that runs the model (cpu-guarded: the CPU ops on memory host code cannot touch, a check of the GPU code path)"},
     {"threads", RT_INT, .def = "0", GE(0), .doc = "CPU threads (0 = all cores)"},
     {"deterministic", RT_BOOL, .def = "true",
      .doc = "batch-invariant kernels with a fixed reduction order (rollout and trainer log-probs agree bit for bit)"},

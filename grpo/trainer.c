@@ -14,6 +14,7 @@
 #include "core/progress.h"
 #include "core/rng.h"
 #include "core/runstore.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/dense.h"
 #include "kernels/cpu/moe.h"
 #include "model/model.h"
@@ -377,13 +378,15 @@ static int forward_logp(model *m, micro *mb, const int32_t *const *replay, model
     int rc = model_forward(m, b, 0, &ls, e);
     if (rc) return rc;
     if (balance) *balance = ls.balance; /* α·Σ_layers L_bal of this micro-batch (0 when grpo.balance_alpha is 0) */
-    logprob_forward(mb->lp, model_logits(m), mb->tgt, mb->T, m->p.cfg.vocab_size);
+    const float *logits = model_logits(m);
+    if (!logits) return err_set(e, MR_EDEVICE, "grpo: cannot copy the logits from backend '%s'", m->be->name);
+    logprob_forward(mb->lp, logits, mb->tgt, mb->T, m->p.cfg.vocab_size);
     return MR_OK;
 }
 
 /* Routing replay: the experts of sample s's rows in the latest forward of m (s's first row at row `start`) into
  * s->route, then its completion rows from the rollout (the rows whose logits sampled each token). */
-static int capture_route(job *J, const model *m, sample *s, int start, mr_err *e) {
+static int capture_route(job *J, model *m, sample *s, int start, mr_err *e) {
     const int plen = J->D.train[s->prompt].n, rows = plen + s->seq.n, nk = J->n_moe * J->K;
     if (!s->seq.experts || s->seq.n_moe_layers != J->n_moe || s->seq.K != J->K)
         return err_set(e, MR_EINTERNAL, "grpo: routing replay: the rollout recorded no experts (%d MoE layers x %d, "
@@ -392,6 +395,7 @@ static int capture_route(job *J, const model *m, sample *s, int start, mr_err *e
         return err_set(e, MR_ENOMEM, "grpo: out of memory for the routing replay table");
     for (int j = 0; j < J->n_moe; j++) {
         const int32_t *ex = model_layer_experts(m, J->moe_layers[j]);
+        if (!ex) return err_set(e, MR_EDEVICE, "grpo: cannot copy the routed experts from backend '%s'", m->be->name);
         for (int r = 0; r < rows; r++)
             memcpy(s->route + ((size_t)r * J->n_moe + j) * J->K, ex + (size_t)(start + r) * J->K, J->K * sizeof(int32_t));
     }
@@ -655,8 +659,8 @@ static int optimizer_update(job *J, const int *list, int n, double lr, int measu
                     for (size_t x = 0; x < E; x++) J->load_sum[(size_t)l * E + x] += ld[x];
             }
         if ((rc = model_policy_grad(m, &b, mb->coef, e))) goto done;
-        if (eg) /* the head API has no entropy term: add its gradient to d(loss)/d(logits) before backward */
-            for (size_t x = 0; x < (size_t)mb->T * V; x++) m->logits[x] += eg[x];
+        /* the head API has no entropy term: add its gradient to d(loss)/d(logits) before backward */
+        if (eg && (rc = model_add_logits_grad(m, eg, e))) goto done;
         if ((rc = model_backward(m, &b, e))) goto done;
         us->train_tokens += mb->T;
         a = b_end;
@@ -668,10 +672,10 @@ static int optimizer_update(job *J, const int *list, int n, double lr, int measu
         us->grad_norm_sum += gn;
         adamw_step(&J->opt, &m->p, lr);
         /* §9.1 aux-loss-free balancing: once per optimizer update, from the update's summed loads */
-        for (int l = 0; l < m->p.n_layers && c->bias_gamma > 0; l++) {
-            float *bias = m->p.w.layers[l].moe.bias;
-            if (m->p.w.layers[l].is_moe && bias) moe_bias_update(bias, J->load_sum + (size_t)l * E, (int)E, c->bias_gamma);
-        }
+        for (int l = 0; l < m->p.n_layers && c->bias_gamma > 0; l++)
+            if (m->p.w.layers[l].is_moe && m->p.w.layers[l].moe.bias &&
+                (rc = model_bias_update(m, l, J->load_sum + (size_t)l * E, c->bias_gamma, e)))
+                goto done;
     } else {
         us->skipped++;
         fprintf(stderr, "grpo: step %lld: update skipped: %s\n", (long long)J->st.step, ge.msg);
@@ -848,6 +852,7 @@ static int grpo_step(job *J, micro *mb, mr_err *e) {
     const model *m = &J->m;
     size_t E = (size_t)(m->p.cfg.n_routed_experts > 0 ? m->p.cfg.n_routed_experts : 1);
     double bias_abs = 0;
+    float *bias = mem_alloc(E * sizeof(float)); /* a host copy of each router bias */
     for (int l = 0; l < m->p.n_layers; l++) {
         if (!m->p.w.layers[l].is_moe) continue;
         const int64_t *ld = model_layer_load(m, l);
@@ -859,9 +864,11 @@ static int grpo_step(job *J, micro *mb, mr_err *e) {
             snprintf(name, sizeof name, "moe/load_max_over_mean/layer%d", l);
             put(J, name, mean > 0 ? (double)mx / mean : 0);
         }
-        const float *bias = m->p.w.layers[l].moe.bias;
-        for (size_t x = 0; bias && x < E; x++) bias_abs = fmax(bias_abs, fabs(bias[x]));
+        mr_err be = {0};
+        if (bias && m->p.w.layers[l].moe.bias && model_router_bias(m, l, bias, &be) == MR_OK)
+            for (size_t x = 0; x < E; x++) bias_abs = fmax(bias_abs, fabs(bias[x]));
     }
+    mem_free(bias);
     put(J, "moe/bias_absmax", bias_abs);
     double t_all = progress_now() - t_step;
     put(J, "time/rollout", t_roll);
@@ -1024,6 +1031,11 @@ int grpo_run(const recipe *r, int resume, int64_t stop_after, mr_err *e) {
     model_opts mo = {.mm = recipe_bool(r, "run.deterministic") ? MM_DET : MM_FAST,
                      .mm_bwd = strcmp(recipe_str(r, "run.backward_gemm"), "det") ? MM_FAST : MM_DET,
                      .balance_alpha = (float)recipe_float(r, "grpo.balance_alpha")};
+    if ((rc = backend_get(recipe_str(r, "run.device"), &mo.backend, e))) {
+        params_free(&p);
+        err_prefix(e, "%s: run.device", recipe_source(r));
+        goto fail;
+    }
     if ((rc = model_init(&J->m, &p, &mo, T_max, e))) goto fail;
     if (c->loss.beta > 0) {
         model_params q;
@@ -1075,8 +1087,9 @@ int grpo_run(const recipe *r, int resume, int64_t stop_after, mr_err *e) {
                          J->m.p.n);
             goto fail;
         }
-        memcpy(J->m.p.data, lp.data, lp.n * sizeof(float));
+        rc = params_copy_from_host(&J->m.p, lp.data, 0, lp.n, e);
         params_free(&lp);
+        if (rc) goto fail;
         if ((rc = adamw_load(&J->opt, &J->m.p, ckpt, e))) goto fail;
         if ((rc = ckpt_read_state(ckpt, &sj, e))) goto fail;
         if ((rc = state_parse(&J->st, sj, ckpt, e))) goto fail;

@@ -72,7 +72,7 @@ typedef struct grpo_probe_seq {
 } grpo_probe_seq;
 /* Called after each policy forward of an optimizer update (before its backward) with the model, the policy
  * iteration (0 .. mu-1), the update's index within the iteration, and the micro-batch's samples. */
-typedef void (*grpo_probe_fn)(void *ctx, const model *m, int iteration, int update, const grpo_probe_seq *s, int n);
+typedef void (*grpo_probe_fn)(void *ctx, model *m, int iteration, int update, const grpo_probe_seq *s, int n);
 void grpo_set_probe(grpo_probe_fn fn, void *ctx); /* NULL: none (the default); not thread-safe, tests only */
 
 #endif

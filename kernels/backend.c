@@ -4,6 +4,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "kernels/cpu/backend_guarded.h"
+
 #ifdef MOERL_HAVE_CUDA
 #include "kernels/cuda/moe_cuda.h"
 #endif
@@ -12,6 +14,10 @@ int backend_get(const char *name, const backend **out, mr_err *e) {
     *out = NULL;
     if (!strcmp(name, "cpu")) {
         *out = backend_cpu();
+        return MR_OK;
+    }
+    if (!strcmp(name, "cpu-guarded")) {
+        *out = backend_guarded();
         return MR_OK;
     }
     if (!strcmp(name, "cuda")) {
@@ -23,7 +29,7 @@ int backend_get(const char *name, const backend **out, mr_err *e) {
                                       "build time)");
 #endif
     }
-    return err_set(e, MR_EINVAL, "device: expected cpu or cuda, got \"%s\"", name);
+    return err_set(e, MR_EINVAL, "device: expected cpu, cuda or cpu-guarded, got \"%s\"", name);
 }
 
 void backend_describe(char *buf, size_t n) {
@@ -41,14 +47,15 @@ int backend_has_model_ops(const backend *b) {
            b->swiglu_forward && b->swiglu_backward && b->embedding_forward && b->embedding_backward &&
            b->xent_forward_backward && b->rope_forward && b->rope_backward && b->attention_forward &&
            b->attention_backward && b->attention_swa_forward &&
-           b->attention_swa_backward && b->moe_forward && b->moe_backward && b->moe_balance_loss;
+           b->attention_swa_backward && b->moe_forward && b->moe_backward && b->moe_balance_loss && b->zero &&
+           b->copy2d && b->scale && b->adamw_update && b->grad_sumsq;
 }
 
 int backend_moe_saved_init(const backend *b, moe_saved *s, const moe_cfg *c, int T_max, mr_err *e) {
 #ifdef MOERL_HAVE_CUDA
     if (b->kind == BACKEND_CUDA) return cuda_moe_saved_init(s, c, T_max, e);
 #endif
-    (void)b;
+    if (b->kind == BACKEND_GUARDED) return guarded_moe_saved_init(s, c, T_max, e);
     return moe_saved_init(s, c, T_max, e);
 }
 
@@ -56,6 +63,6 @@ int backend_moe_work_init(const backend *b, moe_work *w, const moe_cfg *c, int T
 #ifdef MOERL_HAVE_CUDA
     if (b->kind == BACKEND_CUDA) return cuda_moe_work_init(w, c, T_max, e);
 #endif
-    (void)b;
+    if (b->kind == BACKEND_GUARDED) return guarded_moe_work_init(w, c, T_max, e);
     return moe_work_init(w, c, T_max, e);
 }

@@ -17,7 +17,9 @@
 extern "C" {
 #endif
 
-typedef enum { BACKEND_CPU = 0, BACKEND_CUDA = 1 } backend_kind;
+/* BACKEND_GUARDED: the CPU's ops on memory that host code cannot touch outside an op (kernels/cpu/backend_guarded.c):
+ * the device code path checked without a device. */
+typedef enum { BACKEND_CPU = 0, BACKEND_CUDA = 1, BACKEND_GUARDED = 2 } backend_kind;
 
 typedef struct backend {
     backend_kind kind;
@@ -32,6 +34,18 @@ typedef struct backend {
     int (*fill_normal)(float *x, size_t n, float mean, float std, uint64_t seed, uint64_t stream, mr_err *e);
     /* y = a * x + y over n floats. */
     int (*axpy)(float *y, const float *x, float a, size_t n, mr_err *e);
+    /* Memory ops the model runs between kernels (void: failures are reported by the next sync, as the model ops'):
+     * nbytes of p set to zero; rows x width floats copied from src (row pitch spitch floats) to dst (pitch dpitch);
+     * x *= s over n floats. */
+    void (*zero)(void *p, size_t nbytes);
+    void (*copy2d)(float *dst, size_t dpitch, const float *src, size_t spitch, size_t width, size_t rows);
+    void (*scale)(float *x, float s, size_t n);
+    /* The optimizer over n contiguous floats of one parameter entry (sft/optim.h: the formula, the scalars formed in
+     * double on the host, the same bits on every backend) and the gradient's sum of squares in double (chunks of
+     * OPTIM_SUMSQ_CHUNK floats summed in order on the CPU: the bits of grad_sumsq's per-entry sum). */
+    int (*adamw_update)(float *data, const float *grad, float *m, float *v, size_t n, double beta1, double beta2,
+                        double eps, double weight_decay, int64_t step, double lr, mr_err *e);
+    int (*grad_sumsq)(double *sumsq, const float *g, size_t n, mr_err *e);
 
     /* The model's operations (signatures and shapes: kernels/cpu/dense.h, rope.h, attention.h, moe.h). A backend
      * that has not implemented them leaves them NULL and backend_has_model_ops says so. */
@@ -70,7 +84,19 @@ typedef struct backend {
                          const moe_saved *s, const float *x, const moe_params *p, const moe_cfg *c);
     int (*moe_balance_loss)(double *loss, float *daff, const float *scores, const int32_t *idx, const int *seq_len,
                             int n_seq, int T, int E, int K, float alpha, mr_err *e);
+    /* Absorbed MLA attention over latent caches (kernels/cpu/attention.h, mla_decode_absorbed_lse): c_kv, k_rope
+     * and len are HOST arrays (B entries) whose pointers point into the backend's memory. NULL where not yet
+     * implemented: the model then has no latent-cache decode on this backend and says so. */
+    int (*mla_absorbed)(float *out, float *lse, const float *q, const float *const *c_kv, const float *const *k_rope,
+                        const int32_t *len, const float *w_kvb, int B, int H, int d_nope, int d_rope, int d_v,
+                        int r_kv, float scale, mr_err *e);
+    /* 1: in MM_DET the training forward computes attention with mla_absorbed, so a decode step's logits equal the
+     * trainer's bit for bit (model.h); 0: flash attention in training. */
+    int det_absorbed;
 } backend;
+
+/* 1 when b's memory is host memory that any code may read (the CPU backend). */
+static inline int backend_is_host(const backend *b) { return b->kind == BACKEND_CPU; }
 
 /* 1 when every model operation above is implemented. */
 int backend_has_model_ops(const backend *b);
@@ -81,13 +107,16 @@ int backend_has_model_ops(const backend *b);
 int backend_moe_saved_init(const backend *b, moe_saved *s, const moe_cfg *c, int T_max, mr_err *e);
 int backend_moe_work_init(const backend *b, moe_work *w, const moe_cfg *c, int T_max, mr_err *e);
 
-/* The backend named "cpu" or "cuda". MR_EDEVICE when CUDA was not built in or no device is present. */
+/* The backend named "cpu", "cuda" or "cpu-guarded". MR_EDEVICE when CUDA was not built in or no device is
+ * present. */
 int backend_get(const char *name, const backend **out, mr_err *e);
 
 /* One line describing the build: backends compiled in and library versions (cuBLAS, NCCL when built). */
 void backend_describe(char *buf, size_t n);
 
 const backend *backend_cpu(void);
+/* The guarded backend (backend_get name "cpu-guarded"). */
+const backend *backend_guarded(void);
 #ifdef MOERL_HAVE_CUDA
 /* kernels/cuda: returns NULL and fills e when no device can be used. */
 const backend *backend_cuda(mr_err *e);

@@ -8,8 +8,13 @@
 #include "kernels/backend.h"
 #include "kernels/cpu/attention.h"
 
-/* Every kernel call goes through the backend operation table (kernels/backend.h). */
+/* Every kernel call goes through the backend operation table (kernels/backend.h), and so does every touch of
+ * the model's memory (weights, activations, caches): on a device backend it is not host memory. Host code reads
+ * only host arrays (the batch, the caches' lengths) and the host copies of model_logits / model_layer_experts. */
 #define BE (m->be)
+
+/* Slots of m->st_i (device backends), T_max int32 each; the replay arrays follow. */
+enum { ST_IDS, ST_POS, ST_DOC, ST_TGT, ST_TGTK, ST_N };
 
 /* Saved activations of one block (an MLA attention + a dense or MoE FFN), for up to T_max rows. */
 struct layer_act {
@@ -126,7 +131,16 @@ void model_free(model *m) {
         for (int l = 0; l < m->p.n_layers; l++) moe_saved_free(&m->acts[l].moe);
     moe_work_free(&m->moe_work);
     rope_free(&m->rope);
-    mem_free_aligned(m->acts ? (void *)m->acts[0].a : NULL);
+    if (m->be && m->acts) m->be->free(m->acts[0].a);
+    if (m->be) {
+        m->be->free(m->st_i);
+        m->be->free(m->st_f);
+        if (m->gtmp) m->be->free(m->gtmp);
+    }
+    mem_free(m->dev.replay);
+    mem_free(m->logits_h);
+    mem_free(m->mtp_logits_h);
+    mem_free(m->experts_h);
     mem_free(m->acts);
     mem_free(m->mtp);
     mem_free(m->ep);
@@ -157,13 +171,6 @@ int model_init(model *m, model_params *p, const model_opts *opt, int T_max, mr_e
         rc = err_set(e, MR_EDEVICE, "model: backend '%s' does not implement the model operations", m->be->name);
         goto fail;
     }
-    if (m->be->kind != BACKEND_CPU) { /* the ops exist on CUDA (tests/gpu_model_ops.c); this file's buffers do not */
-        rc = err_set(e, MR_EDEVICE,
-                     "model: the model runs on the CPU backend only for now: its activations and caches are host "
-                     "memory (backend '%s' has the operations, not yet the model around them)",
-                     m->be->name);
-        goto fail;
-    }
     if (c->num_nextn_predict_layers > MODEL_MAX_MTP) {
         rc = err_set(e, MR_ERANGE, "model: num_nextn_predict_layers: expected at most %d, got %d", MODEL_MAX_MTP,
                        c->num_nextn_predict_layers);
@@ -190,7 +197,16 @@ int model_init(model *m, model_params *p, const model_opts *opt, int T_max, mr_e
     m->kv_ptr = mem_alloc(2 * (size_t)T_max * sizeof *m->kv_ptr);
     m->kv_len = mem_alloc((size_t)T_max * sizeof *m->kv_len);
     m->dec_pos = mem_alloc((size_t)T_max * sizeof *m->dec_pos);
-    if (!m->acts || !m->mtp || !m->tgt_k || !m->seq_len || !m->kv_ptr || !m->kv_len || !m->dec_pos) goto nomem;
+    m->dev.replay = mem_calloc((size_t)m->p.n_layers, sizeof *m->dev.replay);
+    if (!m->acts || !m->mtp || !m->tgt_k || !m->seq_len || !m->kv_ptr || !m->kv_len || !m->dec_pos || !m->dev.replay)
+        goto nomem;
+    if ((rc = params_to_backend(&m->p, m->be, e))) goto fail;
+    if (!backend_is_host(m->be)) {
+        const size_t K = (size_t)(c->n_routed_experts > 0 ? c->num_experts_per_tok : 0);
+        m->st_i = BE->alloc(((size_t)ST_N + (size_t)m->p.n_layers * K) * (size_t)T_max * sizeof(int32_t));
+        m->st_f = BE->alloc((size_t)T_max * sizeof(float));
+        if (!m->st_i || !m->st_f) goto nomem;
+    }
     if (c->n_routed_experts > 0) {
         m->moe = (moe_cfg){
             .d = c->hidden_size, .E = c->n_routed_experts, .K = c->num_experts_per_tok,
@@ -203,7 +219,7 @@ int model_init(model *m, model_params *p, const model_opts *opt, int T_max, mr_e
             .norm_topk_prob = c->norm_topk_prob, .routed_scaling_factor = (float)c->routed_scaling_factor,
             .mm = opt->mm, .mm_bwd = opt->mm_bwd};
         if ((rc = moe_cfg_check(&m->moe, e))) goto fail;
-        if ((rc = moe_work_init(&m->moe_work, &m->moe, T_max, e))) goto fail;
+        if ((rc = backend_moe_work_init(m->be, &m->moe_work, &m->moe, T_max, e))) goto fail;
         int n_moe = 0;
         for (int l = 0; l < m->p.n_layers; l++) n_moe += m->p.w.layers[l].is_moe;
         size_t E = (size_t)c->n_routed_experts;
@@ -220,25 +236,67 @@ int model_init(model *m, model_params *p, const model_opts *opt, int T_max, mr_e
             point_experts(m->ep + (3 * (size_t)mi + 0) * E, w->gate, (int)E, Ie * d);
             point_experts(m->ep + (3 * (size_t)mi + 1) * E, w->up, (int)E, Ie * d);
             point_experts(m->ep + (3 * (size_t)mi + 2) * E, w->down, (int)E, Ie * d);
-            if ((rc = moe_saved_init(&m->acts[l].moe, &m->moe, T_max, e))) goto fail;
+            if ((rc = backend_moe_saved_init(m->be, &m->acts[l].moe, &m->moe, T_max, e))) goto fail;
             mi++;
         }
     }
     arena A = {0};
     carve(m, &A);
     A.cap = A.off;
-    A.base = mem_alloc_aligned(A.cap * sizeof(float));
+    A.base = BE->alloc(A.cap * sizeof(float));
     if (!A.base) goto nomem;
-    memset(A.base, 0, A.cap * sizeof(float));
+    BE->zero(A.base, A.cap * sizeof(float));
     A.off = 0;
     carve(m, &A);
+    if ((rc = BE->sync(e))) goto fail;
     return MR_OK;
 nomem:
-    rc = err_set(e, MR_ENOMEM, "model: out of memory for activations (T_max = %d)", T_max);
+    rc = err_set(e, MR_ENOMEM, "model: out of %s memory for activations (T_max = %d)", m->be->name, T_max);
 fail:
     model_free(m);
     return rc;
 }
+
+/* ------------------------------------------------------------------------------------------ staging */
+
+/* The n ints at src as the ops should see them: src itself on the CPU, else a copy in slot `slot` of st_i (at
+ * `at` within it). NULL stays NULL. */
+static int stage_i32(model *m, const int32_t **out, size_t slot, const int32_t *src, size_t n, mr_err *e) {
+    *out = src;
+    if (!src || backend_is_host(m->be) || n == 0) return MR_OK;
+    int32_t *dst = m->st_i + slot * (size_t)m->T_max;
+    *out = dst;
+    return BE->to_device(dst, src, n * sizeof(int32_t), e);
+}
+
+/* Per-row floats (loss scales, policy coefficients) for one op. */
+static int stage_f32(model *m, const float **out, const float *src, size_t n, mr_err *e) {
+    *out = src;
+    if (!src || backend_is_host(m->be) || n == 0) return MR_OK;
+    *out = m->st_f;
+    return BE->to_device(m->st_f, src, n * sizeof(float), e);
+}
+
+/* m->dev = batch b (positions pos, host) as the ops see it. */
+static int stage_batch(model *m, const model_batch *b, const int32_t *pos, mr_err *e) {
+    const size_t T = (size_t)b->T;
+    int rc;
+    if ((rc = stage_i32(m, &m->dev.ids, ST_IDS, b->ids, T, e)) || (rc = stage_i32(m, &m->dev.pos, ST_POS, pos, T, e)) ||
+        (rc = stage_i32(m, &m->dev.doc_start, ST_DOC, b->doc_start, T, e)) ||
+        (rc = stage_i32(m, &m->dev.targets, ST_TGT, b->targets, T, e)))
+        return err_prefix(e, "model: copying the batch to the device");
+    const size_t K = (size_t)(m->p.cfg.n_routed_experts > 0 ? m->p.cfg.num_experts_per_tok : 0);
+    for (int l = 0; l < m->p.n_layers; l++) {
+        const int32_t *r = b->replay && m->acts[l].is_moe ? b->replay[l] : NULL;
+        if ((rc = stage_i32(m, &m->dev.replay[l], ST_N + (size_t)l * K, r, T * K, e)))
+            return err_prefix(e, "model: copying the replayed experts to the device");
+    }
+    m->logits_h_ok = m->mtp_logits_h_ok = m->experts_h_ok = 0;
+    return MR_OK;
+}
+
+/* One contiguous copy within the backend's memory. */
+static void copy_f(const model *m, float *dst, const float *src, size_t n) { BE->copy2d(dst, n, src, n, n, 1); }
 
 static moe_params layer_moe_params(const model *m, int l) {
     const moe_w *w = &m->p.w.layers[l].moe;
@@ -253,12 +311,14 @@ static moe_params layer_moe_params(const model *m, int l) {
 
 /* 1 when model_forward computes attention in the absorbed form (see model.h): MM_DET on the CPU, no sliding window. */
 static int absorbed_attention(const model *m) {
-    return m->opt.mm == MM_DET && !m->opt.attn_naive && m->be->kind == BACKEND_CPU && m->p.cfg.moerl_swa_window <= 0;
+    return m->opt.mm == MM_DET && !m->opt.attn_naive && m->be->det_absorbed && m->be->mla_absorbed &&
+           m->p.cfg.moerl_swa_window <= 0;
 }
 
 /* One block: y = x + MLA(norm(x)); y += FFN(norm(y)). x and y (T, d) may not alias. cache (decode, main layers
  * only): row t is the next token of the sequence cached in cache[t]; its latent and RoPE key are appended there and
- * it attends over that cache. cache == NULL: the rows attend over their own documents in the batch. */
+ * it attends over that cache. cache == NULL: the rows attend over their own documents in the batch. b is the host
+ * batch, m->dev the same as the ops see it (pos: m->dev.pos). */
 /* Two products: on the CPU through matmul_forward_batch (one parallel region when the rows are few, as in decode;
  * the same bits as two calls), elsewhere one call each. */
 static void matmul_pair(const model *m, mm_job p, mm_job q) {
@@ -271,8 +331,9 @@ static void matmul_pair(const model *m, mm_job p, mm_job q) {
     BE->matmul_forward(q.y, q.x, q.w, q.T, q.in, q.out, q.beta, m->opt.mm);
 }
 
-static int block_forward(model *m, int l, float *y, const float *x, const model_batch *b, const int32_t *pos,
-                         int T, model_kv *const *cache, mr_err *e) {
+static int block_forward(model *m, int l, float *y, const float *x, const model_batch *b, int T,
+                         model_kv *const *cache, mr_err *e) {
+    const int32_t *pos = m->dev.pos;
     const model_config *c = &m->p.cfg;
     const layer_w *w = &m->p.w.layers[l];
     layer_act *a = &m->acts[l];
@@ -292,22 +353,18 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
     }
     BE->rope_forward(a->q + dn, pos, T, H, H * dqk, dqk, &m->rope);
     /* only the latent is normalized */
-    for (int t = 0; t < T; t++) {
-        memcpy(a->lat + (size_t)t * rkv, kv + (size_t)t * (rkv + dr), sizeof(float) * rkv);
-        memcpy(a->kpe + (size_t)t * dr, kv + (size_t)t * (rkv + dr) + rkv, sizeof(float) * dr);
-    }
+    BE->copy2d(a->lat, rkv, kv, rkv + dr, rkv, T);
+    BE->copy2d(a->kpe, dr, kv + rkv, rkv + dr, dr, T);
     BE->rmsnorm_forward(a->cn, a->rstd_kv, a->lat, w->attn.kv_a_norm, T, rkv, eps);
     BE->rope_forward(a->kpe, pos, T, 1, dr, dr, &m->rope);
     if (!cache) { /* per-head K and V: the backward's inputs (a decode step has no backward) */
         BE->matmul_forward(a->kvb, a->cn, w->attn.kv_b, T, rkv, H * (dn + dv), 0, mm);
-        for (int t = 0; t < T; t++)
-            for (int h = 0; h < H; h++) {
-                const float *src = a->kvb + ((size_t)t * H + h) * (dn + dv);
-                float *kk = a->k + ((size_t)t * H + h) * dqk;
-                memcpy(kk, src, sizeof(float) * dn);
-                memcpy(kk + dn, a->kpe + (size_t)t * dr, sizeof(float) * dr);
-                memcpy(a->v + ((size_t)t * H + h) * dv, src + dn, sizeof(float) * dv);
-            }
+        for (int h = 0; h < H; h++) { /* k[t,h] = [kvb[t,h,:dn] ; kpe[t]], v[t,h] = kvb[t,h,dn:] */
+            const float *src = a->kvb + (size_t)h * (dn + dv);
+            BE->copy2d(a->k + (size_t)h * dqk, (size_t)H * dqk, src, (size_t)H * (dn + dv), dn, T);
+            BE->copy2d(a->k + (size_t)h * dqk + dn, (size_t)H * dqk, a->kpe, dr, dr, T);
+            BE->copy2d(a->v + (size_t)h * dv, (size_t)H * dv, src + dn, (size_t)H * (dn + dv), dv, T);
+        }
     }
     if (cache || absorbed_attention(m)) {
         /* §5.6 absorbed form, one "sequence" per row: a decode row reads its cache (after appending its own entry),
@@ -320,8 +377,8 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
                 const size_t lc = (size_t)(l < c->num_hidden_layers ? l : l - c->num_hidden_layers);
                 const size_t at = (size_t)s->len + (size_t)(m->dec_off ? m->dec_off[t] : 0);
                 float *ck = s->ckv + (lc * s->cap) * rkv, *kp = s->kpe + (lc * s->cap) * dr;
-                memcpy(ck + at * rkv, a->cn + (size_t)t * rkv, sizeof(float) * rkv);
-                memcpy(kp + at * dr, a->kpe + (size_t)t * dr, sizeof(float) * dr);
+                copy_f(m, ck + at * rkv, a->cn + (size_t)t * rkv, (size_t)rkv);
+                copy_f(m, kp + at * dr, a->kpe + (size_t)t * dr, (size_t)dr);
                 pc[t] = ck;
                 pk[t] = kp;
                 m->kv_len[t] = (int32_t)at + 1;
@@ -332,29 +389,31 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
                 m->kv_len[t] = t - s0 + 1;
             }
         }
-        int rc = mla_decode_absorbed_lse(a->att, a->lse, a->q, pc, pk, m->kv_len, w->attn.kv_b, T, H, dn, dr, dv,
-                                         rkv, m->scale, e);
+        if (!BE->mla_absorbed)
+            return err_set(e, MR_EDEVICE, "model: attention over the latent KV cache is not implemented on backend '%s'",
+                           m->be->name);
+        int rc = BE->mla_absorbed(a->att, a->lse, a->q, pc, pk, m->kv_len, w->attn.kv_b, T, H, dn, dr, dv, rkv,
+                                  m->scale, e);
         if (rc) return err_prefix(e, "layer %d attention", l);
     } else if (c->moerl_swa_window > 0) {
-        int rc = BE->attention_swa_forward(a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H, dqk, dv, m->scale,
+        int rc = BE->attention_swa_forward(a->att, a->lse, a->q, a->k, a->v, m->dev.doc_start, T, H, dqk, dv, m->scale,
                                            c->moerl_swa_window, c->moerl_swa_ratio, e);
         if (rc) return err_prefix(e, "layer %d attention", l);
     } else {
-        BE->attention_forward(a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H, dqk, dv, m->scale);
+        BE->attention_forward(a->att, a->lse, a->q, a->k, a->v, m->dev.doc_start, T, H, dqk, dv, m->scale);
     }
-    memcpy(a->xm, x, sizeof(float) * (size_t)T * d);
+    copy_f(m, a->xm, x, (size_t)T * d);
     BE->matmul_forward(a->xm, a->att, w->attn.o, T, H * dv, d, 1.0f, mm);
 
     BE->rmsnorm_forward(a->f, a->rstd_f, a->xm, w->ffn_norm, T, d, eps);
-    memcpy(y, a->xm, sizeof(float) * (size_t)T * d);
+    copy_f(m, y, a->xm, (size_t)T * d);
     if (w->is_moe) {
         moe_params mp = layer_moe_params(m, l);
         float *tmp = m->scratch;
-        const int32_t *replay = b->replay ? b->replay[l] : NULL;
+        const int32_t *replay = b->replay ? m->dev.replay[l] : NULL;
         int rc = BE->moe_forward(tmp, &a->moe, &m->moe_work, a->f, replay, &mp, &m->moe, T, e);
         if (rc) return err_prefix(e, "layer %d", l);
-        size_t n = (size_t)T * d;
-        for (size_t i = 0; i < n; i++) y[i] += tmp[i];
+        if ((rc = BE->axpy(y, tmp, 1.0f, (size_t)T * d, e))) return err_prefix(e, "layer %d", l);
     } else {
         const int I = c->intermediate_size;
         matmul_pair(m, (mm_job){a->hg, a->f, w->mlp.gate, T, d, I, 0.0f},
@@ -365,25 +424,35 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
     return MR_OK;
 }
 
-/* Mean CE over rows with a target; with grad, logits become scale/n · (softmax − onehot). */
-static double head_loss(const model *m, float *logits, const int32_t *tgt, int T, int V, float weight, int grad, int64_t *n_out) {
+/* Mean CE over rows with a target (tgt host, dtgt the same as the ops see it); with grad, logits become
+ * scale/n · (softmax − onehot). */
+static int head_loss(model *m, double *mean, float *logits, const int32_t *tgt, const int32_t *dtgt, int T, int V,
+                     float weight, int grad, int64_t *n_out, mr_err *e) {
     int64_t n = 0;
     for (int t = 0; t < T; t++) n += tgt[t] >= 0;
     *n_out = n;
+    *mean = 0.0;
     if (n == 0) {
-        if (grad) memset(logits, 0, sizeof(float) * (size_t)T * V);
-        return 0.0;
+        if (grad) BE->zero(logits, sizeof(float) * (size_t)T * V);
+        return MR_OK;
     }
     float *sc = NULL;
-    double sum;
+    const float *dsc = NULL;
     if (grad) {
         /* one scale for every row: weight / n */
         sc = mem_alloc(sizeof(float) * (size_t)T);
+        if (!sc) return err_set(e, MR_ENOMEM, "model: out of memory");
         for (int t = 0; t < T; t++) sc[t] = weight / (float)n;
+        int rc = stage_f32(m, &dsc, sc, (size_t)T, e);
+        if (rc) {
+            mem_free(sc);
+            return rc;
+        }
     }
-    sum = BE->xent_forward_backward(NULL, grad ? logits : NULL, logits, tgt, sc, T, V);
+    double sum = BE->xent_forward_backward(NULL, grad ? logits : NULL, logits, dtgt, dsc, T, V);
     mem_free(sc);
-    return sum / (double)n;
+    *mean = sum / (double)n;
+    return MR_OK;
 }
 
 int model_forward(model *m, const model_batch *b, int train, model_loss *loss, mr_err *e) {
@@ -410,11 +479,11 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
     m->mtp_ran = 0;
     model_loss ls;
     memset(&ls, 0, sizeof ls);
+    if ((rc = stage_batch(m, b, pos, e))) goto done;
 
-    BE->embedding_forward(m->resid, b->ids, m->p.w.embed, T, d);
+    BE->embedding_forward(m->resid, m->dev.ids, m->p.w.embed, T, d);
     for (int l = 0; l < L; l++) {
-        rc = block_forward(m, l, m->resid + (size_t)(l + 1) * T * d, m->resid + (size_t)l * T * d, b, pos, T, NULL,
-                           e);
+        rc = block_forward(m, l, m->resid + (size_t)(l + 1) * T * d, m->resid + (size_t)l * T * d, b, T, NULL, e);
         if (rc) goto done;
     }
     BE->rmsnorm_forward(m->hfin, m->rstd_fin, m->resid + (size_t)L * T * d, m->p.w.final_norm, T, d, eps);
@@ -422,7 +491,8 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
 
     if (b->targets) {
         const float lw = b->loss_weight > 0 ? b->loss_weight : 1.0f;
-        ls.main = head_loss(m, m->logits, b->targets, T, V, lw, train, &ls.n_main);
+        if ((rc = head_loss(m, &ls.main, m->logits, b->targets, m->dev.targets, T, V, lw, train, &ls.n_main, e)))
+            goto done;
         ls.total = ls.main;
         /* §9.2 balance loss over the documents of the batch, main-model MoE layers */
         m->n_seq = 0;
@@ -453,15 +523,15 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
         const int Tk = T - k, l = L + k - 1;
         const layer_w *w = &m->p.w.layers[l];
         const float *hprev = k == 1 ? m->hfin : m->mtp[k - 2].hk;
-        BE->embedding_forward(t->emb, b->ids + k, m->p.w.embed, Tk, d);
+        if (k == 1) m->mtp_T = Tk;
+        BE->embedding_forward(t->emb, m->dev.ids + k, m->p.w.embed, Tk, d);
         BE->rmsnorm_forward(t->en, t->rstd_e, t->emb, w->enorm, Tk, d, eps);
         BE->rmsnorm_forward(t->hn, t->rstd_h, hprev, w->hnorm, Tk, d, eps);
-        for (int i = 0; i < Tk; i++) { /* embedding first (§9.4) */
-            memcpy(t->cat + (size_t)i * 2 * d, t->en + (size_t)i * d, sizeof(float) * d);
-            memcpy(t->cat + (size_t)i * 2 * d + d, t->hn + (size_t)i * d, sizeof(float) * d);
-        }
+        /* [en ; hn], embedding first (§9.4) */
+        BE->copy2d(t->cat, 2 * (size_t)d, t->en, (size_t)d, (size_t)d, (size_t)Tk);
+        BE->copy2d(t->cat + d, 2 * (size_t)d, t->hn, (size_t)d, (size_t)d, (size_t)Tk);
         BE->matmul_forward(t->x0, t->cat, w->eh_proj, Tk, 2 * d, d, 0, m->opt.mm);
-        rc = block_forward(m, l, t->hk, t->x0, b, pos, Tk, NULL, e);
+        rc = block_forward(m, l, t->hk, t->x0, b, Tk, NULL, e);
         if (rc) goto done;
         BE->rmsnorm_forward(t->hkn, t->rstd_k, t->hk, w->head_norm, Tk, d, eps);
         BE->matmul_forward(t->logits, t->hkn, m->p.w.head, Tk, d, V, 0, m->opt.mm);
@@ -473,7 +543,11 @@ int model_forward(model *m, const model_batch *b, int train, model_loss *loss, m
             }
             float wk = m->opt.mtp_weight / (float)c->num_nextn_predict_layers;
             const float lw = b->loss_weight > 0 ? b->loss_weight : 1.0f;
-            ls.mtp[k - 1] = head_loss(m, t->logits, m->tgt_k, Tk, V, wk * lw, train, &ls.n_mtp[k - 1]);
+            const int32_t *dtgt;
+            if ((rc = stage_i32(m, &dtgt, ST_TGTK, m->tgt_k, (size_t)Tk, e)) ||
+                (rc = head_loss(m, &ls.mtp[k - 1], t->logits, m->tgt_k, dtgt, Tk, V, wk * lw, train, &ls.n_mtp[k - 1],
+                                e)))
+                goto done;
             ls.total += wk * ls.mtp[k - 1];
         }
     }
@@ -535,12 +609,13 @@ static void bwd_carve(model *m, bwd_buf *B) {
 #undef NEXT
 }
 
-static void zero(float *p, size_t n) { memset(p, 0, n * sizeof(float)); }
+#define zero(p, n) BE->zero((p), (size_t)(n) * sizeof(float))
 
 /* dres holds dL/dy on entry and dL/dx on exit. x is the block input of the forward. daff: extra gradient
  * into the router affinities (balance loss) or NULL. */
-static int block_backward(model *m, int l, float *dres, const float *x, const int32_t *pos, const model_batch *b,
-                          int T, bwd_buf *B, const float *daff, mr_err *e) {
+static int block_backward(model *m, int l, float *dres, const float *x, int T, bwd_buf *B, const float *daff,
+                          mr_err *e) {
+    const int32_t *pos = m->dev.pos;
     const model_config *c = &m->p.cfg;
     const layer_w *w = &m->p.w.layers[l];
     layer_w *g = &m->p.g.layers[l];
@@ -581,33 +656,31 @@ static int block_backward(model *m, int l, float *dres, const float *x, const in
     zero(B->dv, (size_t)T * H * dv);
     if (c->moerl_swa_window > 0) {
         int rc = BE->attention_swa_backward(B->dq, B->dk, B->dv, B->datt, a->att, a->lse, a->q, a->k, a->v,
-                                            b->doc_start, T, H, dqk, dv, m->scale, c->moerl_swa_window,
+                                            m->dev.doc_start, T, H, dqk, dv, m->scale, c->moerl_swa_window,
                                             c->moerl_swa_ratio, e);
         if (rc) return err_prefix(e, "layer %d attention backward", l);
     } else {
-        BE->attention_backward(B->dq, B->dk, B->dv, B->datt, a->att, a->lse, a->q, a->k, a->v, b->doc_start, T, H,
-                               dqk, dv, m->scale);
+        BE->attention_backward(B->dq, B->dk, B->dv, B->datt, a->att, a->lse, a->q, a->k, a->v, m->dev.doc_start, T,
+                               H, dqk, dv, m->scale);
     }
     /* k = [k_nope(kvb) ; k_pe shared by every head], v from kvb */
     zero(B->dkpe, (size_t)T * dr);
-    for (int t = 0; t < T; t++)
-        for (int h = 0; h < H; h++) {
-            float *dst = B->dkvb + ((size_t)t * H + h) * (dn + dv);
-            const float *dkk = B->dk + ((size_t)t * H + h) * dqk;
-            memcpy(dst, dkk, sizeof(float) * dn);
-            memcpy(dst + dn, B->dv + ((size_t)t * H + h) * dv, sizeof(float) * dv);
-            float *kp = B->dkpe + (size_t)t * dr;
-            for (int j = 0; j < dr; j++) kp[j] += dkk[dn + j];
-        }
+    float *tmp = B->dkv; /* free until the latent's gradient below */
+    for (int h = 0; h < H; h++) { /* dkvb[t,h] = [dk[t,h,:dn] ; dv[t,h]]; dkpe[t] = Σ_h dk[t,h,dn:], h in order */
+        float *dst = B->dkvb + (size_t)h * (dn + dv);
+        BE->copy2d(dst, (size_t)H * (dn + dv), B->dk + (size_t)h * dqk, (size_t)H * dqk, dn, T);
+        BE->copy2d(dst + dn, (size_t)H * (dn + dv), B->dv + (size_t)h * dv, (size_t)H * dv, dv, T);
+        BE->copy2d(tmp, dr, B->dk + (size_t)h * dqk + dn, (size_t)H * dqk, dr, T);
+        int rc = BE->axpy(B->dkpe, tmp, 1.0f, (size_t)T * dr, e);
+        if (rc) return err_prefix(e, "layer %d attention backward", l);
+    }
     zero(B->dcn, (size_t)T * rkv);
     BE->matmul_backward(B->dcn, g->attn.kv_b, B->dkvb, a->cn, w->attn.kv_b, T, rkv, H * (dn + dv), mm);
     BE->rope_backward(B->dkpe, pos, T, 1, dr, dr, &m->rope);
     zero(B->dlat, (size_t)T * rkv);
     BE->rmsnorm_backward(B->dlat, g->attn.kv_a_norm, B->dcn, a->lat, w->attn.kv_a_norm, a->rstd_kv, T, rkv);
-    for (int t = 0; t < T; t++) {
-        memcpy(B->dkv + (size_t)t * (rkv + dr), B->dlat + (size_t)t * rkv, sizeof(float) * rkv);
-        memcpy(B->dkv + (size_t)t * (rkv + dr) + rkv, B->dkpe + (size_t)t * dr, sizeof(float) * dr);
-    }
+    BE->copy2d(B->dkv, rkv + dr, B->dlat, rkv, rkv, T);
+    BE->copy2d(B->dkv + rkv, rkv + dr, B->dkpe, dr, dr, T);
     zero(B->da, Td);
     BE->matmul_backward(B->da, g->attn.kv_a, B->dkv, a->a, w->attn.kv_a, T, d, rkv + dr, mm);
     BE->rope_backward(B->dq + dn, pos, T, H, H * dqk, dqk, &m->rope);
@@ -651,6 +724,7 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
         for (int t = 0; t < T; t++) pos_default[t] = t;
         pos = pos_default;
     }
+    if ((rc = stage_batch(m, b, pos, e))) goto done;
     bwd_buf B;
     bwd_carve(m, &B);
     float *dres = B.dtmp; /* the residual stream's gradient, (T, d) */
@@ -671,22 +745,19 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
         zero(B.df, (size_t)T * d);
         BE->matmul_backward(B.df, m->p.g.head, t->logits, t->hkn, m->p.w.head, Tk, d, V, m->opt.mm_bwd);
         BE->rmsnorm_backward(dres, g->head_norm, B.df, t->hk, w->head_norm, t->rstd_k, Tk, d);
-        if (dnext)
-            for (size_t i = 0; i < (size_t)Tk * d; i++) dres[i] += dnext[i];
-        rc = block_backward(m, l, dres, t->x0, pos, b, Tk, &B, NULL, e); /* dres = d/d x0 */
+        if (dnext && (rc = BE->axpy(dres, dnext, 1.0f, (size_t)Tk * d, e))) goto done;
+        rc = block_backward(m, l, dres, t->x0, Tk, &B, NULL, e); /* dres = d/d x0 */
         if (rc) goto done;
         float *dcatb = B.dcat; /* (Tk, 2d) */
         zero(dcatb, (size_t)Tk * 2 * d);
         BE->matmul_backward(dcatb, g->eh_proj, dres, t->cat, w->eh_proj, Tk, 2 * d, d, m->opt.mm_bwd);
         /* split: [den ; dhn] */
         float *den = B.df, *dhn = B.da;
-        for (int i = 0; i < Tk; i++) {
-            memcpy(den + (size_t)i * d, dcatb + (size_t)i * 2 * d, sizeof(float) * d);
-            memcpy(dhn + (size_t)i * d, dcatb + (size_t)i * 2 * d + d, sizeof(float) * d);
-        }
+        BE->copy2d(den, (size_t)d, dcatb, 2 * (size_t)d, (size_t)d, (size_t)Tk);
+        BE->copy2d(dhn, (size_t)d, dcatb + d, 2 * (size_t)d, (size_t)d, (size_t)Tk);
         zero(dres, (size_t)Tk * d);
         BE->rmsnorm_backward(dres, g->enorm, den, t->emb, w->enorm, t->rstd_e, Tk, d);
-        BE->embedding_backward(m->p.g.embed, dres, b->ids + k, Tk, d);
+        BE->embedding_backward(m->p.g.embed, dres, m->dev.ids + k, Tk, d);
         const float *hprev = k == 1 ? m->hfin : m->mtp[k - 2].hk;
         float *dprev = k == 1 ? B.dhfin : m->mtp[k - 1].emb; /* emb of module k is dead now: reuse as d hk_{k-1} */
         if (k > 1) zero(dprev, (size_t)(T - k + 1) * d);
@@ -709,10 +780,10 @@ int model_backward(model *m, const model_batch *b, mr_err *e) {
             if (rc) goto done;
             daff = B.daff;
         }
-        rc = block_backward(m, l, dres, m->resid + (size_t)l * T * d, pos, b, T, &B, daff, e);
+        rc = block_backward(m, l, dres, m->resid + (size_t)l * T * d, T, &B, daff, e);
         if (rc) goto done;
     }
-    BE->embedding_backward(m->p.g.embed, dres, b->ids, T, d);
+    BE->embedding_backward(m->p.g.embed, dres, m->dev.ids, T, d);
     rc = MR_OK;
 done:
     mem_free(pos_default);
@@ -722,19 +793,105 @@ done:
 int model_policy_grad(model *m, const model_batch *b, const float *coef, mr_err *e) {
     if (m->trained || b->T != m->T || !b->targets)
         return err_set(e, MR_EINVAL, "model: policy_grad needs an inference forward (train = 0) of the same batch with targets");
-    BE->xent_forward_backward(NULL, m->logits, m->logits, b->targets, coef, b->T, m->p.cfg.vocab_size);
+    const int32_t *dtgt;
+    const float *dcoef;
+    int rc;
+    if ((rc = stage_i32(m, &dtgt, ST_TGT, b->targets, (size_t)b->T, e)) ||
+        (rc = stage_f32(m, &dcoef, coef, (size_t)b->T, e)))
+        return rc;
+    BE->xent_forward_backward(NULL, m->logits, m->logits, dtgt, dcoef, b->T, m->p.cfg.vocab_size);
+    m->logits_h_ok = 0;
     m->trained = 1;
     m->mtp_trained = 0;
     return MR_OK;
 }
 
-const float *model_logits(const model *m) { return m->logits; }
-const float *model_mtp_logits(const model *m, int k) { return m->mtp[k - 1].logits; }
+/* Host copies for callers (device backends): rows x cols of src into *buf (allocated on first use, T_max rows). */
+static const void *host_copy(model *m, void **buf, int *ok, const void *src, size_t row_bytes, size_t rows) {
+    if (backend_is_host(m->be)) return src;
+    if (*ok) return *buf;
+    if (!*buf && !(*buf = mem_alloc((size_t)m->T_max * row_bytes))) return NULL;
+    mr_err e = {0};
+    if (rows && BE->to_host(*buf, src, rows * row_bytes, &e)) return NULL;
+    *ok = 1;
+    return *buf;
+}
+
+const float *model_logits(model *m) {
+    return host_copy(m, (void **)&m->logits_h, &m->logits_h_ok, m->logits, sizeof(float) * (size_t)m->p.cfg.vocab_size,
+                     (size_t)m->T);
+}
+
+const float *model_mtp_logits(model *m, int k) {
+    if (backend_is_host(m->be)) return m->mtp[k - 1].logits;
+    if (k != 1) return NULL; /* the rollout drafts with depth 1 only */
+    return host_copy(m, (void **)&m->mtp_logits_h, &m->mtp_logits_h_ok, m->mtp[0].logits,
+                     sizeof(float) * (size_t)m->p.cfg.vocab_size, (size_t)m->mtp_T);
+}
 const int64_t *model_layer_load(const model *m, int l) {
     if (l >= m->p.cfg.num_hidden_layers + m->mtp_ran) return NULL; /* an MTP layer the latest forward skipped */
     return m->acts[l].is_moe ? m->acts[l].moe.load : NULL;
 }
-const int32_t *model_layer_experts(const model *m, int l) { return m->acts[l].is_moe ? m->acts[l].moe.idx : NULL; }
+const int32_t *model_layer_experts(model *m, int l) {
+    if (!m->acts[l].is_moe) return NULL;
+    if (backend_is_host(m->be)) return m->acts[l].moe.idx;
+    /* every main MoE layer's at once, on the first call after a forward */
+    const size_t K = (size_t)m->moe.K, L = (size_t)m->p.cfg.num_hidden_layers;
+    if (!m->experts_h_ok) {
+        if (!m->experts_h && !(m->experts_h = mem_alloc(L * (size_t)m->T_max * K * sizeof(int32_t)))) return NULL;
+        mr_err e = {0};
+        for (size_t j = 0; j < L; j++)
+            if (m->acts[j].is_moe &&
+                BE->to_host(m->experts_h + j * (size_t)m->T_max * K, m->acts[j].moe.idx, (size_t)m->T * K * sizeof(int32_t), &e))
+                return NULL;
+        m->experts_h_ok = 1;
+    }
+    return (size_t)l < L ? m->experts_h + (size_t)l * (size_t)m->T_max * K : NULL;
+}
+
+static int bias_of(const model *m, int l, size_t *off, mr_err *e) {
+    if (l < 0 || l >= m->p.n_layers || !m->p.w.layers[l].is_moe || !m->p.w.layers[l].moe.bias)
+        return err_set(e, MR_EINVAL, "model: layer %d has no router bias", l);
+    *off = (size_t)(m->p.w.layers[l].moe.bias - m->p.data);
+    return MR_OK;
+}
+
+int model_router_bias(const model *m, int l, float *dst, mr_err *e) {
+    size_t off = 0;
+    int rc = bias_of(m, l, &off, e);
+    return rc ? rc : params_copy_to_host(&m->p, dst, off, (size_t)m->moe.E, e);
+}
+
+int model_bias_update(model *m, int l, const int64_t *load, float gamma, mr_err *e) {
+    size_t off = 0;
+    int rc = bias_of(m, l, &off, e);
+    if (rc) return rc;
+    if (backend_is_host(m->be)) {
+        moe_bias_update(m->p.data + off, load, m->moe.E, gamma);
+        return MR_OK;
+    }
+    float *b = mem_alloc(sizeof(float) * (size_t)m->moe.E); /* E floats: through the host */
+    if (!b) return err_set(e, MR_ENOMEM, "model: out of memory");
+    if (!(rc = params_copy_to_host(&m->p, b, off, (size_t)m->moe.E, e))) {
+        moe_bias_update(b, load, m->moe.E, gamma);
+        rc = params_copy_from_host(&m->p, b, off, (size_t)m->moe.E, e);
+    }
+    mem_free(b);
+    return rc;
+}
+
+int model_add_logits_grad(model *m, const float *g, mr_err *e) {
+    if (!m->trained) return err_set(e, MR_EINVAL, "model: add_logits_grad needs model_policy_grad first");
+    const size_t n = (size_t)m->T * (size_t)m->p.cfg.vocab_size;
+    if (backend_is_host(m->be)) {
+        for (size_t x = 0; x < n; x++) m->logits[x] += g[x];
+        return MR_OK;
+    }
+    if (!m->gtmp && !(m->gtmp = BE->alloc((size_t)m->T_max * (size_t)m->p.cfg.vocab_size * sizeof(float))))
+        return err_set(e, MR_ENOMEM, "model: out of %s memory for a logits gradient", m->be->name);
+    int rc = BE->to_device(m->gtmp, g, n * sizeof(float), e);
+    return rc ? rc : BE->axpy(m->logits, m->gtmp, 1.0f, n, e);
+}
 
 /* ------------------------------------------------------------------------------------------ latent KV cache */
 
@@ -788,15 +945,15 @@ static int prefill(model *m, const model_batch *b, model_kv *const *kv, model_kv
         model_kv *s = kv[j];
         for (int l = 0; l < L; l++) {
             const layer_act *a = &m->acts[l];
-            memcpy(s->ckv + (size_t)l * s->cap * rkv, a->cn + (size_t)t * rkv, sizeof(float) * (size_t)(end - t) * rkv);
-            memcpy(s->kpe + (size_t)l * s->cap * dr, a->kpe + (size_t)t * dr, sizeof(float) * (size_t)(end - t) * dr);
+            copy_f(m, s->ckv + (size_t)l * s->cap * rkv, a->cn + (size_t)t * rkv, (size_t)(end - t) * rkv);
+            copy_f(m, s->kpe + (size_t)l * s->cap * dr, a->kpe + (size_t)t * dr, (size_t)(end - t) * dr);
         }
         s->len = end - t;
         if (mtp) { /* MTP rows t..end-2: their next token is inside this document */
             const layer_act *a = &m->acts[L];
             model_kv *q = mtp[j];
-            memcpy(q->ckv, a->cn + (size_t)t * rkv, sizeof(float) * (size_t)(end - 1 - t) * rkv);
-            memcpy(q->kpe, a->kpe + (size_t)t * dr, sizeof(float) * (size_t)(end - 1 - t) * dr);
+            copy_f(m, q->ckv, a->cn + (size_t)t * rkv, (size_t)(end - 1 - t) * rkv);
+            copy_f(m, q->kpe, a->kpe + (size_t)t * dr, (size_t)(end - 1 - t) * dr);
             q->len = end - 1 - t;
         }
         j++;
@@ -855,11 +1012,11 @@ int model_decode_rows(model *m, const int32_t *ids, model_kv *const *kv, const i
     m->mtp_trained = 0;
     m->mtp_ran = 0;
     model_batch b = {.ids = ids, .pos = m->dec_pos, .T = B, .skip_mtp = 1};
-    BE->embedding_forward(m->resid, ids, m->p.w.embed, B, d);
+    if ((rc = stage_batch(m, &b, m->dec_pos, e))) return rc;
+    BE->embedding_forward(m->resid, m->dev.ids, m->p.w.embed, B, d);
     m->dec_off = off;
     for (int l = 0; l < L && !rc; l++)
-        rc = block_forward(m, l, m->resid + (size_t)(l + 1) * B * d, m->resid + (size_t)l * B * d, &b, m->dec_pos, B,
-                           kv, e);
+        rc = block_forward(m, l, m->resid + (size_t)(l + 1) * B * d, m->resid + (size_t)l * B * d, &b, B, kv, e);
     m->dec_off = NULL;
     if (rc) return rc;
     decode_advance(m, kv, B);
@@ -883,19 +1040,24 @@ int model_mtp_draft(model *m, const int32_t *ids, const int32_t *hrow, model_kv 
             return err_set(e, MR_ERANGE, "model: MTP draft row %d: hidden row %d outside 0..%d", i, hrow[i], m->T_max - 1);
     mtp_act *t = &m->mtp[0];
     const layer_w *w = &m->p.w.layers[L];
-    BE->embedding_forward(t->emb, ids, m->p.w.embed, B, d);
+    model_batch b = {.ids = ids, .pos = m->dec_pos, .T = B, .skip_mtp = 1};
+    /* the main logits and experts of the latest step stay valid: only the batch is staged */
+    const int keep_l = m->logits_h_ok, keep_x = m->experts_h_ok;
+    if ((rc = stage_batch(m, &b, m->dec_pos, e))) return err_prefix(e, "MTP draft");
+    m->logits_h_ok = keep_l;
+    m->experts_h_ok = keep_x;
+    BE->embedding_forward(t->emb, m->dev.ids, m->p.w.embed, B, d);
     BE->rmsnorm_forward(t->en, t->rstd_e, t->emb, w->enorm, B, d, eps);
     for (int i = 0; i < B; i++) /* gather the hidden rows (hkn is free until the head) */
-        memcpy(t->hkn + (size_t)i * d, m->hfin + (size_t)hrow[i] * d, sizeof(float) * (size_t)d);
+        copy_f(m, t->hkn + (size_t)i * d, m->hfin + (size_t)hrow[i] * d, (size_t)d);
     BE->rmsnorm_forward(t->hn, t->rstd_h, t->hkn, w->hnorm, B, d, eps);
-    for (int i = 0; i < B; i++) { /* embedding first (§9.4) */
-        memcpy(t->cat + (size_t)i * 2 * d, t->en + (size_t)i * d, sizeof(float) * d);
-        memcpy(t->cat + (size_t)i * 2 * d + d, t->hn + (size_t)i * d, sizeof(float) * d);
-    }
+    /* [en ; hn], embedding first (§9.4) */
+    BE->copy2d(t->cat, 2 * (size_t)d, t->en, (size_t)d, (size_t)d, (size_t)B);
+    BE->copy2d(t->cat + d, 2 * (size_t)d, t->hn, (size_t)d, (size_t)d, (size_t)B);
     BE->matmul_forward(t->x0, t->cat, w->eh_proj, B, 2 * d, d, 0, m->opt.mm);
-    model_batch b = {.ids = ids, .pos = m->dec_pos, .T = B, .skip_mtp = 1};
     m->dec_off = off;
-    rc = block_forward(m, L, t->hk, t->x0, &b, m->dec_pos, B, mtp, e);
+    m->mtp_T = B;
+    rc = block_forward(m, L, t->hk, t->x0, &b, B, mtp, e);
     m->dec_off = NULL;
     if (rc) return err_prefix(e, "MTP draft");
     decode_advance(m, mtp, B);

@@ -1,4 +1,4 @@
-/* model.h: the DeepSeek-V3 model on the CPU: training-form forward over every position, and the hand-written
+/* model.h: the DeepSeek-V3 model on any backend of kernels/backend.h: training-form forward over every position, and the hand-written
  * backward (llm.c style) through MLA, dense SwiGLU, DeepSeekMoE, the MTP modules and the balance loss.
  *
  * The one idea: a batch is T tokens laid end to end (several documents may be packed; doc_start and pos restart
@@ -95,6 +95,20 @@ typedef struct model {
     int32_t *kv_len;        /* (T_max) per-row key counts of the absorbed attention */
     int32_t *dec_pos;       /* (T_max) positions of a decode step */
     const int32_t *dec_off; /* (B) during a decode step: each row's offset past its cache's len, or NULL */
+    /* Device backends: the batch's integer arrays and per-row scales copied into the backend's memory before the
+     * ops read them (on the CPU the host arrays are used as they are), and host copies of what callers read. */
+    int32_t *st_i;          /* device: ids, pos, doc_start, targets, MTP targets (T_max each), replay (layers, T_max, K) */
+    float *st_f;            /* device: (T_max) per-row loss scales */
+    struct {
+        const int32_t *ids, *pos, *doc_start, *targets;
+        const int32_t **replay; /* (n_layers) */
+    } dev;                  /* the latest batch as the ops see it (host pointers on the CPU) */
+    float *logits_h;        /* host copy of logits (T_max, V) and of MTP depth 1's, allocated on first use */
+    float *mtp_logits_h;
+    int32_t *experts_h;     /* host copy of each main MoE layer's experts (layers, T_max, K) */
+    int logits_h_ok, mtp_logits_h_ok, experts_h_ok; /* the copies hold the latest forward's values */
+    int mtp_T;              /* rows of MTP depth 1's logits (latest forward or draft) */
+    float *gtmp;            /* device: (T_max, V) staging of model_add_logits_grad, allocated on first use */
 } model;
 
 /* Allocates activations for up to T_max tokens around already-initialized params (moved into m: p is zeroed). */
@@ -157,12 +171,22 @@ int model_prefill_mtp(model *m, const model_batch *b, model_kv *const *kv, model
                       mr_err *e);
 
 /* Experts (T, K) chosen for each row in main-model MoE layer l by the latest forward or decode step; NULL for a
- * dense layer. */
-const int32_t *model_layer_experts(const model *m, int l);
+ * dense layer. Host memory on every backend (a device backend's are copied on the first call after a forward);
+ * NULL also when that copy fails. */
+const int32_t *model_layer_experts(model *m, int l);
 
-/* Main logits (T, V) of the latest forward with train == 0; MTP depth k (1-based) logits (T-k, V). */
-const float *model_logits(const model *m);
-const float *model_mtp_logits(const model *m, int k);
+/* Main logits (T, V) of the latest forward with train == 0; MTP depth k (1-based) logits (T-k, V). Host memory,
+ * as model_layer_experts (NULL when a device copy fails). */
+const float *model_logits(model *m);
+const float *model_mtp_logits(model *m, int k);
+/* Layer l's router bias (e_score_correction_bias, E floats) copied into host memory dst; MR_EINVAL for a layer
+ * without one. */
+int model_router_bias(const model *m, int l, float *dst, mr_err *e);
+/* moe_bias_update (kernels/cpu/moe.h) of layer l's router bias from the loads (E), wherever the bias lives. */
+int model_bias_update(model *m, int l, const int64_t *load, float gamma, mr_err *e);
+/* After model_policy_grad: d(loss)/d(logits) += g, host memory (T, V) of the latest forward (GRPO's entropy term). */
+int model_add_logits_grad(model *m, const float *g, mr_err *e);
+
 /* Expert loads (E) of layer l (main layers, then MTP layers) from the latest forward; NULL for a dense layer
  * and for an MTP layer the latest forward did not run (skip_mtp, MTP weight 0, decode). */
 const int64_t *model_layer_load(const model *m, int l);

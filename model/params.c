@@ -11,6 +11,7 @@
 #include "core/mem.h"
 #include "core/rng.h"
 #include "core/safetensors.h"
+#include "kernels/backend.h"
 
 /* One walk over the tensor inventory, used three ways: count (entries == NULL), record entries, and point the
  * views of a buffer (base) at their offsets. The order of this walk is the order of the table. */
@@ -113,10 +114,20 @@ static void walk(layout *L, const model_config *c, model_w *w) {
 #undef NAME
 }
 
+/* Buffers of the parameters' backend (host memory when p->be is NULL). */
+static void *buf_alloc(const model_params *p, size_t bytes) {
+    return p->be ? p->be->alloc(bytes) : mem_alloc_aligned(bytes);
+}
+
+static void buf_free(const model_params *p, void *x) {
+    if (p->be) p->be->free(x);
+    else mem_free_aligned(x);
+}
+
 void params_free(model_params *p) {
     if (!p) return;
-    mem_free_aligned(p->data);
-    mem_free_aligned(p->grad);
+    buf_free(p, p->data);
+    buf_free(p, p->grad);
     mem_free(p->entries);
     mem_free(p->w.layers);
     mem_free(p->g.layers);
@@ -152,16 +163,84 @@ nomem:
 
 int params_alloc_grad(model_params *p, mr_err *e) {
     if (p->grad) return MR_OK;
-    p->grad = mem_alloc_aligned(p->n * sizeof(float));
-    if (!p->grad) return err_set(e, MR_ENOMEM, "model gradients: out of memory (%zu floats)", p->n);
-    memset(p->grad, 0, p->n * sizeof(float));
+    p->grad = buf_alloc(p, p->n * sizeof(float));
+    if (!p->grad)
+        return err_set(e, MR_ENOMEM, "model gradients: out of memory (%zu floats%s%s)", p->n,
+                       p->be ? " on backend " : "", p->be ? p->be->name : "");
+    params_zero_grad(p);
     layout G = {.base = p->grad};
     walk(&G, &p->cfg, &p->g);
     return MR_OK;
 }
 
 void params_zero_grad(model_params *p) {
-    if (p->grad) memset(p->grad, 0, p->n * sizeof(float));
+    if (!p->grad) return;
+    if (p->be) p->be->zero(p->grad, p->n * sizeof(float));
+    else memset(p->grad, 0, p->n * sizeof(float));
+}
+
+/* One host buffer moved to be (freed on success). */
+static float *move_to(const backend *be, float *host, size_t n, mr_err *e) {
+    float *d = be->alloc(n * sizeof(float));
+    if (!d) {
+        err_set(e, MR_ENOMEM, "model parameters: out of %s memory (%zu floats)", be->name, n);
+        return NULL;
+    }
+    if (be->to_device(d, host, n * sizeof(float), e)) {
+        be->free(d);
+        return NULL;
+    }
+    mem_free_aligned(host);
+    return d;
+}
+
+int params_to_backend(model_params *p, const backend *be, mr_err *e) {
+    if (p->be == be || (!p->be && backend_is_host(be))) return MR_OK;
+    if (p->be) return err_set(e, MR_EINVAL, "model parameters: already on backend '%s'", p->be->name);
+    float *grad = p->grad;
+    float *data = move_to(be, p->data, p->n, e);
+    if (!data) return e->code;
+    if (grad && !(grad = move_to(be, grad, p->n, e))) {
+        /* put the parameters back where they were */
+        float *h = mem_alloc_aligned(p->n * sizeof(float));
+        if (h && be->to_host(h, data, p->n * sizeof(float), e) == MR_OK) {
+            be->free(data);
+            p->data = h;
+            return e->code;
+        }
+        mem_free_aligned(h);
+        be->free(data);
+        p->data = NULL;
+        return e->code;
+    }
+    p->be = be;
+    p->data = data;
+    layout R = {.base = p->data};
+    walk(&R, &p->cfg, &p->w);
+    if (grad) {
+        p->grad = grad;
+        layout G = {.base = p->grad};
+        walk(&G, &p->cfg, &p->g);
+    }
+    return MR_OK;
+}
+
+int params_copy_to_host(const model_params *p, float *dst, size_t off, size_t n, mr_err *e) {
+    if (off > p->n || n > p->n - off) return err_set(e, MR_ERANGE, "model parameters: copy past the end");
+    if (!p->be) {
+        memcpy(dst, p->data + off, n * sizeof(float));
+        return MR_OK;
+    }
+    return p->be->to_host(dst, p->data + off, n * sizeof(float), e);
+}
+
+int params_copy_from_host(model_params *p, const float *src, size_t off, size_t n, mr_err *e) {
+    if (off > p->n || n > p->n - off) return err_set(e, MR_ERANGE, "model parameters: copy past the end");
+    if (!p->be) {
+        memcpy(p->data + off, src, n * sizeof(float));
+        return MR_OK;
+    }
+    return p->be->to_device(p->data + off, src, n * sizeof(float), e);
 }
 
 static int is_norm_or_buffer(const param_entry *pe) { return pe->flags & PARAM_NO_DECAY && pe->ndim == 1; }
@@ -279,6 +358,17 @@ fail:
 /* ---------------------------------------------------------------- saving */
 
 int params_save(const model_params *p, const char *dir, int bf16, size_t max_shard_bytes, mr_err *e) {
+    if (p->be) { /* save a host copy */
+        model_params h = *p;
+        h.be = NULL;
+        h.grad = NULL;
+        h.data = mem_alloc_aligned(p->n * sizeof(float));
+        if (!h.data) return err_set(e, MR_ENOMEM, "%s: out of memory for a host copy of the parameters", dir);
+        int rc = params_copy_to_host(p, h.data, 0, p->n, e);
+        if (!rc) rc = params_save(&h, dir, bf16, max_shard_bytes, e);
+        mem_free_aligned(h.data);
+        return rc;
+    }
     if (mkdir(dir, 0755) != 0 && errno != EEXIST)
         return err_set(e, MR_EIO, "%s: cannot create directory: %s", dir, strerror(errno));
     int rc = config_save_file(&p->cfg, dir, e);

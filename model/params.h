@@ -72,8 +72,11 @@ typedef struct model_w {
     layer_w *layers;   /* num_hidden_layers + num_nextn_predict_layers */
 } model_w;
 
+typedef struct backend backend;
+
 typedef struct model_params {
     model_config cfg;
+    const backend *be;  /* where data and grad live (params_to_backend); NULL = host memory */
     size_t n;           /* floats in data (and grad) */
     float *data;        /* all parameters and buffers */
     float *grad;        /* same layout; NULL until params_alloc_grad */
@@ -84,11 +87,19 @@ typedef struct model_params {
     model_w g;          /* views into grad (NULL pointers until params_alloc_grad) */
 } model_params;
 
-/* Sizes the table from a validated config and allocates the parameter buffer (zeroed). */
+/* Sizes the table from a validated config and allocates the parameter buffer (zeroed) in host memory. */
 int params_init(model_params *p, const model_config *cfg, mr_err *e);
 void params_free(model_params *p); /* accepts a zeroed or half-built struct */
+/* The gradient buffer (zeroed) where the parameters live. */
 int params_alloc_grad(model_params *p, mr_err *e);
 void params_zero_grad(model_params *p);
+/* Moves data (and grad, if allocated) into backend be's memory and points the views there; nothing to do for the
+ * CPU backend (host memory). Loading, random init and params_tensor's host access happen before, on the host;
+ * params_save and params_copy_to_host copy back. MR_ENOMEM / MR_EDEVICE leave p where it was. */
+int params_to_backend(model_params *p, const backend *be, mr_err *e);
+/* n floats of data from float offset off into host memory dst, wherever data lives; and back (upload). */
+int params_copy_to_host(const model_params *p, float *dst, size_t off, size_t n, mr_err *e);
+int params_copy_from_host(model_params *p, const float *src, size_t off, size_t n, mr_err *e);
 
 /* From scratch (MODEL-SPEC §9.5): every weight ~ N(0, std) (std 0.006 in the paper), norm gains 1, router
  * bias 0. Entry i draws from the Philox stream (seed, i), so the values do not depend on thread count. */
@@ -102,7 +113,7 @@ float *params_tensor(const model_params *p, const param_entry *pe);
  * F8_E4M3 (with a "<name>_scale_inv" F32 tensor of shape [ceil(out/128), ceil(in/128)], §10.4). MTP copies of
  * embed/head are checked for shape if present, not loaded. Errors name the tensor. */
 int params_load(model_params *p, const char *dir, mr_err *e);
-/* Writes dir/config.json and the safetensors (dtype F32 or BF16; sharded above max_shard_bytes, 0 = never),
+/* Writes dir/config.json and the safetensors (from wherever data lives) (dtype F32 or BF16; sharded above max_shard_bytes, 0 = never),
  * including the MTP modules' embed_tokens/shared_head.head copies, atomically file by file. dir is created. */
 int params_save(const model_params *p, const char *dir, int bf16, size_t max_shard_bytes, mr_err *e);
 

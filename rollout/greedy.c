@@ -49,6 +49,10 @@ int greedy_generate(model *m, const int32_t *const *prompts, const int *plen, in
             model_batch b = {.ids = ids, .pos = pos, .doc_start = doc, .T = T, .skip_mtp = 1};
             if ((rc = model_forward(m, &b, 0, NULL, e))) goto fail;
             const float *lg = model_logits(m);
+            if (!lg) {
+                rc = err_set(e, MR_EDEVICE, "greedy: cannot copy the logits from the model's backend");
+                goto fail;
+            }
             int end = 0;
             for (int q = 0; q < k; q++) {
                 int i = live[q];

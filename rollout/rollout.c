@@ -17,6 +17,7 @@
 
 #include "core/mem.h"
 #include "core/rng.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/dense.h"
 
 rollout_opts rollout_opts_default(void) {
@@ -232,6 +233,7 @@ typedef struct engine {
     double *probs;         /* (threads, 2V) */
     rollout_cand *cand;    /* (threads, 2V) */
     int nthr;
+    const float *lg, *mlg; /* host logits of the latest forward / MTP draft (host_outputs) */
     /* MTP speculative decoding */
     int spec;
     model_kv *mslots;      /* (n_slots) MTP latent caches, one per cache slot */
@@ -273,13 +275,21 @@ static int seq_reserve(engine *E, int q) {
  * calling thread outside any parallel region, so that the sampler's own loops over a large vocabulary can fork
  * (nested in even an inactive region they would get a fresh team each time: slower than no fork at all). */
 
+/* The latest forward's logits (and experts, when recorded) as host memory, fetched before rows are sampled on
+ * threads: on a device backend the first call copies them. */
+static int host_outputs(engine *E, mr_err *e) {
+    if (!(E->lg = model_logits(E->m)) || (E->n_moe && !model_layer_experts(E->m, E->moe_layers[0])))
+        return err_set(e, MR_EDEVICE, "rollout: cannot copy the model outputs from backend '%s'", E->m->be->name);
+    return MR_OK;
+}
+
 /* Row i of the latest forward: the logits row row_at[i] of sample row_seq[i]. */
 static void sample_row_i(engine *E, int i) {
     const int V = E->V, th = omp_get_thread_num();
     double *pr = E->probs + (size_t)th * 2 * V;
     rollout_cand *cd = E->cand + (size_t)th * 2 * V;
     const sample *s = &E->s[E->row_seq[i]];
-    const float *row = model_logits(E->m) + (size_t)E->row_at[i] * V;
+    const float *row = E->lg + (size_t)E->row_at[i] * V;
     rollout_sampler_probs(pr, row, V, E->o, cd);
     double u = rollout_uniform(E->o->seed, E->pid[s->p], s->g, E->out[E->row_seq[i]].n);
     int32_t t = rollout_sample_row(pr, V, u, &E->row_lps[i]);
@@ -288,13 +298,16 @@ static void sample_row_i(engine *E, int i) {
 }
 
 /* Samples the rows 0..n-1 of the latest forward. */
-static void sample_rows(engine *E, int n) {
+static int sample_rows(engine *E, int n, mr_err *e) {
+    int rc = host_outputs(E, e);
+    if (rc) return rc;
     if (n == 1) {
         sample_row_i(E, 0);
-        return;
+        return MR_OK;
     }
     #pragma omp parallel for schedule(dynamic, 1) num_threads(E->nthr)
     for (int i = 0; i < n; i++) sample_row_i(E, i);
+    return MR_OK;
 }
 
 static int stop_hit(engine *E, int q, int32_t t) {
@@ -369,7 +382,7 @@ static void draw_draft(engine *E, int i) {
     const int V = E->V, q = E->d_seq[i];
     sample *s = &E->s[q];
     double *qp = E->qprob + (size_t)s->slot * V;
-    rollout_sampler_probs(qp, model_mtp_logits(E->m, 1) + (size_t)i * V, V, E->o,
+    rollout_sampler_probs(qp, E->mlg + (size_t)i * V, V, E->o,
                           E->cand + (size_t)omp_get_thread_num() * 2 * V);
     double u[2];
     float unused;
@@ -385,6 +398,8 @@ static int run_drafts(engine *E, int n, mr_err *e) {
     if (n == 0) return MR_OK;
     int rc = model_mtp_draft(E->m, E->d_ids, E->d_hrow, E->d_kv, E->d_off, n, e);
     if (rc) return rc;
+    if (!(E->mlg = model_mtp_logits(E->m, 1)))
+        return err_set(e, MR_EDEVICE, "rollout: cannot copy the MTP logits from backend '%s'", E->m->be->name);
     int n_draw = 0;
     for (int i = 0; i < n; i++) n_draw += E->d_seq[i] >= 0;
     if (n_draw == 1) {
@@ -403,7 +418,7 @@ static int run_drafts(engine *E, int n, mr_err *e) {
  * norm(max(0, p − q)); after an accepted draft, row vb[k] gives a bonus token (index n + 1) from p as usual.
  * Results go to row_* entries 2k (and 2k + 1), cnt[k] tokens, acc[k]. */
 static void verify_one(engine *E, const int *live, int c0, int k) {
-    const float *logits = model_logits(E->m);
+    const float *logits = E->lg;
     const int V = E->V;
     const int th = omp_get_thread_num(), q = live[c0 + k], i0 = 2 * k;
     double *pr = E->probs + (size_t)th * 2 * V, *res = pr + V;
@@ -461,13 +476,16 @@ static void verify_one(engine *E, const int *live, int c0, int k) {
     E->acc[k] = acc;
 }
 
-static void verify_rows(engine *E, const int *live, int c0, int c1) {
+static int verify_rows(engine *E, const int *live, int c0, int c1, mr_err *e) {
+    int rc = host_outputs(E, e);
+    if (rc) return rc;
     if (c1 - c0 == 1) {
         verify_one(E, live, c0, 0);
-        return;
+        return MR_OK;
     }
     #pragma omp parallel for schedule(dynamic, 1) num_threads(E->nthr)
     for (int k = 0; k < c1 - c0; k++) verify_one(E, live, c0, k);
+    return MR_OK;
 }
 
 /* One speculative decode step over the live samples, in chunks of at most T_max rows (results do not depend on the
@@ -497,7 +515,7 @@ static int spec_step(engine *E, int *live, int *n_live, int32_t *ids, int32_t *o
         if ((rc = model_decode_rows(E->m, ids, kvp, off, nr, e))) return rc;
         E->st.decode_steps++;
         E->st.decode_rows += nr;
-        verify_rows(E, live, c0, c1);
+        if ((rc = verify_rows(E, live, c0, c1, e))) return rc;
         int nd = 0;
         for (int i = c0; i < c1; i++) {
             const int q = live[i], k = i - c0;
@@ -579,7 +597,7 @@ static int check_opts(const model *m, const tokenizer *tok, const int *plen, int
 static void engine_free(engine *E) {
     mem_free(E->moe_layers);
     mem_free(E->slots);
-    mem_free_aligned(E->cache);
+    if (E->cache) E->m->be->free(E->cache);
     mem_free(E->free_slots);
     mem_free(E->row_seq);
     mem_free(E->row_at);
@@ -589,7 +607,7 @@ static void engine_free(engine *E) {
     mem_free(E->probs);
     mem_free(E->cand);
     mem_free(E->mslots);
-    mem_free_aligned(E->mcache);
+    if (E->mcache) E->m->be->free(E->mcache);
     mem_free(E->qprob);
     mem_free(E->d_ids);
     mem_free(E->d_hrow);
@@ -645,7 +663,7 @@ int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *promp
     E.s = mem_calloc((size_t)n_seq, sizeof *E.s);
     E.moe_layers = mem_alloc(sizeof(int) * (size_t)(E.n_moe + 1));
     E.slots = mem_calloc((size_t)n_slots, sizeof *E.slots);
-    E.cache = mem_alloc_aligned(sizeof(float) * per * (size_t)n_slots);
+    E.cache = m->be->alloc(sizeof(float) * per * (size_t)n_slots); /* the caches live where the model runs */
     E.free_slots = mem_alloc(sizeof(int) * (size_t)n_slots);
     /* two entries per sample in a speculative verify chunk (up to T_max samples) */
     E.row_seq = mem_alloc(sizeof(int) * 2 * (size_t)Tm);
@@ -665,7 +683,7 @@ int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *promp
         model_kv_floats_mtp(m, cap, &mfc, &mfk);
         mper = (mfc + 15) / 16 * 16 + (mfk + 15) / 16 * 16;
         E.mslots = mem_calloc((size_t)n_slots, sizeof *E.mslots);
-        E.mcache = mem_alloc_aligned(sizeof(float) * mper * (size_t)n_slots);
+        E.mcache = m->be->alloc(sizeof(float) * mper * (size_t)n_slots);
         E.qprob = mem_alloc(sizeof(double) * (size_t)E.V * (size_t)n_slots);
         E.d_ids = mem_alloc(sizeof(int32_t) * (size_t)Tm);
         E.d_hrow = mem_alloc(sizeof(int32_t) * (size_t)Tm);
@@ -736,18 +754,18 @@ int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *promp
                     const int q = p * G + g;
                     if (g > 0) {
                         model_kv *dst = &E.slots[E.s[q].slot];
-                        for (int l = 0; l < L; l++) {
-                            memcpy(dst->ckv + (size_t)l * cap * fl, src->ckv + (size_t)l * cap * fl,
-                                   sizeof(float) * (size_t)plen[p] * fl);
-                            memcpy(dst->kpe + (size_t)l * cap * kl, src->kpe + (size_t)l * cap * kl,
-                                   sizeof(float) * (size_t)plen[p] * kl);
-                        }
+                        /* layer l's prompt rows sit at l·cap in each (through the backend: device memory) */
+                        m->be->copy2d(dst->ckv, (size_t)cap * fl, src->ckv, (size_t)cap * fl,
+                                      (size_t)plen[p] * fl, (size_t)L);
+                        m->be->copy2d(dst->kpe, (size_t)cap * kl, src->kpe, (size_t)cap * kl,
+                                      (size_t)plen[p] * kl, (size_t)L);
                         dst->len = src->len;
                         if (E.spec) { /* the MTP cache's prompt rows too */
                             const model_kv *ms = &E.mslots[E.s[p * G].slot];
                             model_kv *md = &E.mslots[E.s[q].slot];
-                            memcpy(md->ckv, ms->ckv, sizeof(float) * (size_t)ms->len * fl);
-                            memcpy(md->kpe, ms->kpe, sizeof(float) * (size_t)ms->len * kl);
+                            const size_t nc = (size_t)ms->len * fl, nk = (size_t)ms->len * kl;
+                            m->be->copy2d(md->ckv, nc, ms->ckv, nc, nc, 1);
+                            m->be->copy2d(md->kpe, nk, ms->kpe, nk, nk, 1);
                             md->len = ms->len;
                         }
                     }
@@ -756,7 +774,7 @@ int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *promp
                     n++;
                 }
             }
-            sample_rows(&E, n);
+            if ((rc = sample_rows(&E, n, e))) goto fail;
             int nd = 0;
             for (int i = 0; i < n; i++) {
                 int r = take_row(&E, i);
@@ -797,7 +815,7 @@ int rollout_generate(model *m, const tokenizer *tok, const int32_t *const *promp
         if ((rc = model_decode_step(m, ids, kvp, n_live, e))) goto fail;
         E.st.decode_steps++;
         E.st.decode_rows += n_live;
-        sample_rows(&E, n_live);
+        if ((rc = sample_rows(&E, n_live, e))) goto fail;
         int kept = 0;
         for (int i = 0; i < n_live; i++) {
             int r = take_row(&E, i);

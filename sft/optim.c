@@ -17,8 +17,9 @@
 
 #include "core/mem.h"
 #include "core/safetensors.h"
+#include "kernels/backend.h"
 
-#define GRAD_CHUNK ((size_t)1 << 15)
+#define GRAD_CHUNK OPTIM_SUMSQ_CHUNK /* kernels/cpu/dense.h: the device ops sum the same chunks */
 #define GRAD_BATCH 256
 #define STATE_FILE "optimizer.safetensors"
 #define STATE_FORMAT "moerl.adamw.v1"
@@ -48,14 +49,22 @@ int adamw_init(adamw *o, const model_params *p, adamw_cfg cfg, mr_err *e) {
         err_set(e, MR_ENOMEM, "adamw: %zu parameters overflow the state size", p->n);
         goto fail;
     }
-    o->m = mem_alloc_aligned(bytes);
-    o->v = mem_alloc_aligned(bytes);
+    o->be = p->be;
+    o->m = o->be ? o->be->alloc(bytes) : mem_alloc_aligned(bytes);
+    o->v = o->be ? o->be->alloc(bytes) : mem_alloc_aligned(bytes);
     if (!o->m || !o->v) {
-        err_set(e, MR_ENOMEM, "adamw: out of memory for the state (2 x %zu bytes)", bytes);
+        err_set(e, MR_ENOMEM, "adamw: out of memory for the state (2 x %zu bytes%s%s)", bytes,
+                o->be ? " on backend " : "", o->be ? o->be->name : "");
         goto fail;
     }
-    memset(o->m, 0, bytes);
-    memset(o->v, 0, bytes);
+    if (o->be) {
+        o->be->zero(o->m, bytes);
+        o->be->zero(o->v, bytes);
+        if (o->be->sync(e)) goto fail;
+    } else {
+        memset(o->m, 0, bytes);
+        memset(o->v, 0, bytes);
+    }
     return MR_OK;
 fail:
     adamw_free(o);
@@ -64,46 +73,33 @@ fail:
 
 void adamw_free(adamw *o) {
     if (!o) return;
-    mem_free_aligned(o->m);
-    mem_free_aligned(o->v);
+    if (o->be) {
+        o->be->free(o->m);
+        o->be->free(o->v);
+    } else {
+        mem_free_aligned(o->m);
+        mem_free_aligned(o->v);
+    }
     memset(o, 0, sizeof *o);
 }
 
 void adamw_step(adamw *o, model_params *p, double lr) {
-    assert(o->m && p->grad && o->n == p->n && "adamw_step: no gradient, or the layout changed since adamw_init");
-    if (!o->m || !p->grad || o->n != p->n) return;
+    assert(o->m && p->grad && o->n == p->n && o->be == p->be &&
+           "adamw_step: no gradient, or the layout or the backend changed since adamw_init");
+    if (!o->m || !p->grad || o->n != p->n || o->be != p->be) return;
     o->step++;
     const adamw_cfg c = o->cfg;
-    /* The scalars as torch forms them: Python doubles, cast to float by each fp32 kernel. */
-    const double t = (double)o->step;
-    const double bc1 = 1.0 - pow(c.beta1, t), bc2 = 1.0 - pow(c.beta2, t);
-    const float step_size = (float)(lr / bc1);
-    const float bc2_sqrt = (float)sqrt(bc2);
-    const float b1 = (float)c.beta1, omb1 = (float)(1.0 - c.beta1);
-    const float b2 = (float)c.beta2, omb2 = (float)(1.0 - c.beta2);
-    const float eps = (float)c.eps;
-    float *restrict data = p->data, *restrict grad = p->grad, *restrict m = o->m, *restrict v = o->v;
-#pragma omp parallel
     for (int k = 0; k < p->n_entries; k++) {
         const param_entry *pe = &p->entries[k];
         if (!trainable(pe)) continue;
         const double wd = (pe->flags & PARAM_NO_DECAY) ? 0.0 : c.weight_decay;
-        const float decay = (float)(1.0 - lr * wd);
-        const size_t off = pe->offset, n = pe->numel;
-#pragma omp for schedule(static)
-        for (size_t i = off; i < off + n; i++) {
-            float g = grad[i];
-            float x = data[i] * decay;              /* param.mul_(1 - lr * weight_decay) */
-            float mi = m[i] * b1;                   /* exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1) */
-            mi = mi + omb1 * g;
-            float vi = v[i] * b2;                   /* exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2) */
-            vi = vi + omb2 * g * g;
-            float denom = sqrtf(vi) / bc2_sqrt + eps; /* (exp_avg_sq.sqrt() / sqrt(bc2)).add_(eps) */
-            x = x + -step_size * mi / denom;        /* param.addcdiv_(exp_avg, denom, value=-step_size) */
-            m[i] = mi;
-            v[i] = vi;
-            data[i] = x;
-        }
+        const size_t off = pe->offset;
+        if (o->be) /* a failure is reported by the backend's next sync */
+            o->be->adamw_update(p->data + off, p->grad + off, o->m + off, o->v + off, pe->numel, c.beta1, c.beta2,
+                                c.eps, wd, o->step, lr, NULL);
+        else
+            adamw_update_f32(p->data + off, p->grad + off, o->m + off, o->v + off, pe->numel, c.beta1, c.beta2, c.eps,
+                             wd, o->step, lr);
     }
 }
 
@@ -137,22 +133,22 @@ static int chunk_next(chunk_iter *it, grad_chunk *b) {
     return k;
 }
 
-static double chunk_sumsq(const float *g, size_t n) {
-    /* four running sums in a fixed interleave: deterministic, and not bound by one add's latency */
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    size_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        s0 += (double)g[i] * g[i];
-        s1 += (double)g[i + 1] * g[i + 1];
-        s2 += (double)g[i + 2] * g[i + 2];
-        s3 += (double)g[i + 3] * g[i + 3];
-    }
-    for (; i < n; i++) s0 += (double)g[i] * g[i];
-    return (s0 + s1) + (s2 + s3);
+/* The sum of squares of each trainable entry on the parameters' device (NULL e: failures are the sync's). */
+static double device_entry_sumsq(const model_params *p, const param_entry *pe) {
+    double s = 0.0;
+    mr_err e = {0};
+    if (p->be->grad_sumsq(&s, p->grad + pe->offset, pe->numel, &e)) return NAN;
+    return s;
 }
 
 double grad_sumsq(const model_params *p) {
     if (!p->grad) return 0.0;
+    if (p->be) { /* entries in table order, each the chunked sum: grad_sumsq's bits */
+        double total = 0.0;
+        for (int k = 0; k < p->n_entries; k++)
+            if (trainable(&p->entries[k])) total += device_entry_sumsq(p, &p->entries[k]);
+        return total;
+    }
     grad_chunk b[GRAD_BATCH];
     double part[GRAD_BATCH];
     chunk_iter it = {p, 0, 0};
@@ -160,7 +156,7 @@ double grad_sumsq(const model_params *p) {
     int cur = -1, k;
     while ((k = chunk_next(&it, b)) > 0) {
 #pragma omp parallel for schedule(dynamic, 1)
-        for (int j = 0; j < k; j++) part[j] = chunk_sumsq(p->grad + b[j].off, b[j].len);
+        for (int j = 0; j < k; j++) part[j] = sumsq_f64(p->grad + b[j].off, b[j].len);
         for (int j = 0; j < k; j++) {
             if (b[j].entry != cur) { /* entries are added to the total in table order */
                 total += entry_sum;
@@ -179,6 +175,11 @@ double grad_norm(const model_params *p) {
 
 void grad_scale(model_params *p, float s) {
     if (!p->grad) return;
+    if (p->be) {
+        for (int k = 0; k < p->n_entries; k++)
+            if (trainable(&p->entries[k])) p->be->scale(p->grad + p->entries[k].offset, s, p->entries[k].numel);
+        return;
+    }
     float *g = p->grad;
 #pragma omp parallel
     for (int k = 0; k < p->n_entries; k++) {
@@ -201,8 +202,29 @@ double grad_clip(model_params *p, double max_norm) {
     return norm;
 }
 
+/* On a device: an entry whose sum of squares is finite has only finite elements (a float's square fits a double
+ * with room to spare); the first entry that does not is copied to the host to name the element. */
+static int device_check_finite(const model_params *p, mr_err *e) {
+    for (int k = 0; k < p->n_entries; k++) {
+        const param_entry *pe = &p->entries[k];
+        if (!trainable(pe) || isfinite(device_entry_sumsq(p, pe))) continue;
+        float *h = mem_alloc(pe->numel * sizeof(float));
+        if (!h) return err_set(e, MR_ENOMEM, "gradient of %s is not finite (out of memory to say where)", pe->name);
+        int rc = p->be->to_host(h, p->grad + pe->offset, pe->numel * sizeof(float), e);
+        for (size_t i = 0; !rc && i < pe->numel; i++)
+            if (!isfinite(h[i])) {
+                rc = err_set(e, MR_ERANGE, "gradient of %s[%zu] is not finite (%g)", pe->name, i, (double)h[i]);
+                break;
+            }
+        mem_free(h);
+        return rc ? rc : err_set(e, MR_ERANGE, "gradient of %s is not finite", pe->name);
+    }
+    return p->be->sync(e);
+}
+
 int grad_check_finite(const model_params *p, mr_err *e) {
     if (!p->grad) return MR_OK;
+    if (p->be) return device_check_finite(p, e);
     grad_chunk b[GRAD_BATCH];
     size_t bad[GRAD_BATCH];
     chunk_iter it = {p, 0, 0};
@@ -258,10 +280,25 @@ int adamw_save(const adamw *o, const model_params *p, const char *dir, mr_err *e
         return err_set(e, MR_EIO, "%s: cannot create directory: %s", dir, strerror(errno));
     char *path = state_path(dir);
     st_writer *w = NULL;
+    float *hm = NULL, *hv = NULL; /* host copies of a device state */
+    const float *sm = o->m, *sv = o->v;
     int rc;
     if (!path) {
         rc = err_set(e, MR_ENOMEM, "%s: out of memory", dir);
         goto done;
+    }
+    if (o->be) {
+        hm = mem_alloc_aligned(o->n * sizeof(float));
+        hv = mem_alloc_aligned(o->n * sizeof(float));
+        if (!hm || !hv) {
+            rc = err_set(e, MR_ENOMEM, "%s: out of memory for a host copy of the optimizer state", dir);
+            goto done;
+        }
+        if ((rc = o->be->to_host(hm, o->m, o->n * sizeof(float), e)) ||
+            (rc = o->be->to_host(hv, o->v, o->n * sizeof(float), e)))
+            goto done;
+        sm = hm;
+        sv = hv;
     }
     if ((rc = st_writer_init(&w, e))) goto done;
     char step[32];
@@ -277,13 +314,15 @@ int adamw_save(const adamw *o, const model_params *p, const char *dir, mr_err *e
         for (int sq = 0; sq < 2; sq++) {
             char name[sizeof pe->name + 16];
             tensor_name(name, sizeof name, pe, sq);
-            const float *src = (sq ? o->v : o->m) + pe->offset;
+            const float *src = (sq ? sv : sm) + pe->offset;
             if ((rc = st_writer_add(w, name, DT_F32, pe->ndim, pe->shape, src, e))) goto done;
         }
     }
     rc = st_writer_write(w, path, e);
 done:
     st_writer_free(w);
+    mem_free_aligned(hm);
+    mem_free_aligned(hv);
     mem_free(path);
     return rc;
 }
@@ -364,6 +403,7 @@ int adamw_load(adamw *o, const model_params *p, const char *dir, mr_err *e) {
     char *path = state_path(dir);
     if (!path) return err_set(e, MR_ENOMEM, "%s: out of memory", dir);
     st_file *f = NULL;
+    float *h = NULL; /* host staging of a device state */
     int rc = st_open(&f, path, e);
     if (rc) goto done;
     const char *fmt = st_meta_get(f, "format");
@@ -405,11 +445,23 @@ int adamw_load(adamw *o, const model_params *p, const char *dir, mr_err *e) {
         if (!trainable(pe)) continue;
         for (int sq = 0; sq < 2; sq++) {
             check_tensor(f, pe, sq, &t, e);
-            if ((rc = st_read_f32(f, t, (sq ? o->v : o->m) + pe->offset, pe->numel, e))) goto done;
+            float *dst = (sq ? o->v : o->m) + pe->offset;
+            if (!o->be) {
+                if ((rc = st_read_f32(f, t, dst, pe->numel, e))) goto done;
+                continue;
+            }
+            if (!h && !(h = mem_alloc_aligned(p->n * sizeof(float)))) {
+                rc = err_set(e, MR_ENOMEM, "%s: out of memory for a host copy of the optimizer state", path);
+                goto done;
+            }
+            if ((rc = st_read_f32(f, t, h, pe->numel, e)) ||
+                (rc = o->be->to_device(dst, h, pe->numel * sizeof(float), e)))
+                goto done;
         }
     }
     o->step = (int64_t)step;
 done:
+    mem_free_aligned(h);
     st_close(f);
     mem_free(path);
     return rc;

@@ -15,6 +15,9 @@
  * Every operation is elementwise and the gradient norm sums fixed chunks in a fixed order, so results do not
  * depend on the number of OpenMP threads.
  *
+ * On a device backend (model_params.be) the state lives there too and every pass runs through the backend's
+ * adamw_update / grad_sumsq / scale ops, entry by entry: the same bits as on the host.
+ *
  * Owns: m and v. Borrows: the model_params passed to each call (its layout must not change). */
 #ifndef MOERL_SFT_OPTIM_H
 #define MOERL_SFT_OPTIM_H
@@ -36,6 +39,7 @@ adamw_cfg adamw_defaults(void);
 
 typedef struct adamw {
     adamw_cfg cfg;
+    const struct backend *be; /* where m and v live: the parameters' (model_params.be; NULL = host) */
     int64_t step;  /* optimizer steps taken (t of the last update) */
     size_t n;      /* floats in m and v: the params' n */
     float *m;      /* (n) exp_avg, same layout as model_params.data; zero on buffer entries */

@@ -154,10 +154,11 @@ int sft_train(model *m, const sft_example *ex, size_t n_ex, const sft_cfg *cfg, 
     const model_config *c = &m->p.cfg;
     int64_t *load_sum = mem_calloc((size_t)m->p.n_layers * (size_t)(c->n_routed_experts > 0 ? c->n_routed_experts : 1),
                                    sizeof(int64_t));
+    float *bias = mem_alloc(sizeof(float) * (size_t)(c->n_routed_experts > 0 ? c->n_routed_experts : 1));
     char *sj = NULL;
     train_state st = {0};
     sft_result r0 = {0};
-    if (!mbs || !order || !load_sum) {
+    if (!mbs || !order || !load_sum || !bias) {
         rc = err_set(e, MR_ENOMEM, "sft: out of memory");
         goto done;
     }
@@ -176,8 +177,9 @@ int sft_train(model *m, const sft_example *ex, size_t n_ex, const sft_cfg *cfg, 
                          m->p.n);
             goto done;
         }
-        memcpy(m->p.data, lp.data, lp.n * sizeof(float));
+        rc = params_copy_from_host(&m->p, lp.data, 0, lp.n, e);
         params_free(&lp);
+        if (rc) goto done;
         if ((rc = adamw_load(&opt, &m->p, dir, e))) goto done;
         if ((rc = ckpt_read_state(dir, &sj, e))) goto done;
         if ((rc = state_parse(&st, sj, dir, e))) goto done;
@@ -242,11 +244,10 @@ int sft_train(model *m, const sft_example *ex, size_t n_ex, const sft_cfg *cfg, 
             gnorm = cfg->grad_clip > 0 ? grad_clip(&m->p, cfg->grad_clip) : grad_norm(&m->p);
             adamw_step(&opt, &m->p, lr);
             /* §9.1 aux-loss-free balancing: once per optimizer step, from the step's summed loads */
-            for (int l = 0; l < m->p.n_layers; l++) {
-                float *bias = m->p.w.layers[l].moe.bias;
-                if (m->p.w.layers[l].is_moe && bias && cfg->bias_gamma > 0)
-                    moe_bias_update(bias, load_sum + (size_t)l * E, (int)E, cfg->bias_gamma);
-            }
+            for (int l = 0; l < m->p.n_layers; l++)
+                if (m->p.w.layers[l].is_moe && m->p.w.layers[l].moe.bias && cfg->bias_gamma > 0 &&
+                    (rc = model_bias_update(m, l, load_sum + (size_t)l * E, cfg->bias_gamma, e)))
+                    goto done;
             st.bad_in_row = 0;
         } else {
             st.skipped++;
@@ -284,8 +285,8 @@ int sft_train(model *m, const sft_example *ex, size_t n_ex, const sft_cfg *cfg, 
             char name[64];
             snprintf(name, sizeof name, "moe/load_max_over_mean/layer%d", l);
             put(&M, name, mean > 0 ? (double)mx / mean : 0);
-            const float *bias = m->p.w.layers[l].moe.bias;
-            if (bias) {
+            if (m->p.w.layers[l].moe.bias) {
+                if ((rc = model_router_bias(m, l, bias, e))) goto done;
                 float lo = bias[0], hi = bias[0];
                 for (size_t x = 0; x < E; x++) {
                     lo = bias[x] < lo ? bias[x] : lo;
@@ -351,6 +352,7 @@ done:
     mem_free(mbs);
     mem_free(order);
     mem_free(load_sum);
+    mem_free(bias);
     adamw_free(&opt);
     return rc;
 }

@@ -135,6 +135,62 @@ Test(gpu_model_ops, attention_documents) {
     free(d2);
 }
 
+/* Absorbed attention over latent caches of different lengths (the table's mla_absorbed, the rollout's decode). */
+static void absorbed_case(int B, int H, int dn, int dr, int dv, int rkv, int maxlen) {
+    const int dqk = dn + dr;
+    char what[160], tag[96];
+    snprintf(tag, sizeof tag, "B=%d H=%d dn=%d dr=%d dv=%d rkv=%d", B, H, dn, dr, dv, rkv);
+    float *q = hrand((size_t)B * H * dqk, 201, 1.0f), *w = hrand((size_t)H * (dn + dv) * rkv, 202, 0.1f);
+    int32_t *len = malloc(sizeof(int32_t) * (size_t)B);
+    const float **hc = malloc(sizeof(float *) * (size_t)B), **hk = malloc(sizeof(float *) * (size_t)B);
+    const float **dc = malloc(sizeof(float *) * (size_t)B), **dk = malloc(sizeof(float *) * (size_t)B);
+    rng r;
+    rng_init(&r, seed0, 203);
+    for (int b = 0; b < B; b++) {
+        len[b] = b == 0 ? 1 : 1 + (int)rng_below(&r, (uint64_t)maxlen); /* a one-token cache first */
+        float *c = hrand((size_t)len[b] * rkv, 300 + (uint64_t)b, 1.0f), *k = hrand((size_t)len[b] * dr, 600 + (uint64_t)b, 1.0f);
+        hc[b] = c;
+        hk[b] = k;
+        dc[b] = dput(c, sizeof(float) * (size_t)len[b] * rkv);
+        dk[b] = dput(k, sizeof(float) * (size_t)len[b] * dr);
+    }
+    const size_t no = (size_t)B * H * dv, nl = (size_t)B * H;
+    float *out = malloc(sizeof(float) * no), *lse = malloc(sizeof(float) * nl);
+    mr_err e = {0};
+    const float scale = 1.0f / sqrtf((float)dqk);
+    cr_assert_eq(mla_decode_absorbed_lse(out, lse, q, hc, hk, len, w, B, H, dn, dr, dv, rkv, scale, &e), MR_OK, "%s",
+                 e.msg);
+    float *gq = dput(q, sizeof(float) * (size_t)B * H * dqk), *gw = dput(w, sizeof(float) * (size_t)H * (dn + dv) * rkv);
+    float *go = dpoison(no), *gl = dpoison(nl);
+    cr_assert_not_null(gpu->mla_absorbed);
+    cr_assert_eq(gpu->mla_absorbed(go, gl, gq, dc, dk, len, gw, B, H, dn, dr, dv, rkv, scale, &e), MR_OK, "%s", e.msg);
+    float *ho = dget(go, no), *hl = dget(gl, nl);
+    snprintf(what, sizeof what, "mla_absorbed out %s", tag);
+    check_close(what, ho, out, no, TOL_F32);
+    snprintf(what, sizeof what, "mla_absorbed lse %s", tag);
+    check_close(what, hl, lse, nl, TOL_F32);
+    for (int b = 0; b < B; b++) {
+        free((void *)hc[b]), free((void *)hk[b]);
+        gpu->free((void *)dc[b]), gpu->free((void *)dk[b]);
+    }
+    free(hc), free(hk), free(dc), free(dk), free(len), free(q), free(w), free(out), free(lse), free(ho), free(hl);
+    gpu->free(gq), gpu->free(gw), gpu->free(go), gpu->free(gl);
+}
+
+Test(gpu_model_ops, absorbed_attention_over_latent_caches) {
+    absorbed_case(5, 3, 16, 8, 12, 40, 70);      /* small, odd sizes */
+    absorbed_case(3, 4, 128, 64, 128, 512, 300); /* V3's head dims and latent rank */
+    absorbed_case(1, 1, 8, 0, 8, 16, 1);         /* one token, no RoPE part */
+}
+
+Test(gpu_model_ops, absorbed_attention_refuses_an_empty_cache) {
+    int32_t len[2] = {3, 0};
+    const float *p[2] = {NULL, NULL};
+    mr_err e = {0};
+    cr_assert_eq(gpu->mla_absorbed(NULL, NULL, NULL, p, p, len, NULL, 2, 1, 8, 4, 8, 16, 1.0f, &e), MR_EINVAL);
+    cr_assert(strstr(e.msg, "sequence 1 has 0 cached tokens"), "message: %s", e.msg);
+}
+
 Test(gpu_model_ops, attention_too_wide_is_reported) {
     const int dqk = ATTN_CUDA_MAX_DIM + 1, dv = 8;
     float *q = dpoison((size_t)dqk), *o = dpoison((size_t)dv), *l = dpoison(1);

@@ -360,7 +360,7 @@ typedef struct replay_seen {
     int64_t compared[2];      /* completion rows compared, per iteration */
 } replay_seen;
 
-static void replay_probe(void *ctx, const model *m, int it, int upd, const grpo_probe_seq *s, int n) {
+static void replay_probe(void *ctx, model *m, int it, int upd, const grpo_probe_seq *s, int n) {
     replay_seen *R = ctx;
     int f = it * 2 + upd, K = m->p.cfg.num_experts_per_tok, n_moe = 0, moe[16];
     cr_assert(f < 8);

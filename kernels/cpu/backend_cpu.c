@@ -34,6 +34,30 @@ static int cpu_axpy(float *y, const float *x, float a, size_t n, mr_err *e) {
     return MR_OK;
 }
 
+static void cpu_zero(void *p, size_t n) { memset(p, 0, n); }
+
+static void cpu_copy2d(float *dst, size_t dpitch, const float *src, size_t spitch, size_t width, size_t rows) {
+    for (size_t r = 0; r < rows; r++) memcpy(dst + r * dpitch, src + r * spitch, width * sizeof(float));
+}
+
+static void cpu_scale(float *x, float s, size_t n) {
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++) x[i] *= s;
+}
+
+static int cpu_adamw_update(float *data, const float *grad, float *m, float *v, size_t n, double beta1, double beta2,
+                            double eps, double weight_decay, int64_t step, double lr, mr_err *e) {
+    (void)e;
+    adamw_update_f32(data, grad, m, v, n, beta1, beta2, eps, weight_decay, step, lr);
+    return MR_OK;
+}
+
+static int cpu_grad_sumsq(double *sumsq, const float *g, size_t n, mr_err *e) {
+    (void)e;
+    *sumsq = sumsq_chunked(g, n);
+    return MR_OK;
+}
+
 static const backend cpu_backend = {
     .kind = BACKEND_CPU,
     .name = "cpu",
@@ -62,6 +86,13 @@ static const backend cpu_backend = {
     .moe_forward = moe_forward,
     .moe_backward = moe_backward,
     .moe_balance_loss = moe_balance_loss,
+    .mla_absorbed = mla_decode_absorbed_lse,
+    .det_absorbed = 1,
+    .zero = cpu_zero,
+    .copy2d = cpu_copy2d,
+    .scale = cpu_scale,
+    .adamw_update = cpu_adamw_update,
+    .grad_sumsq = cpu_grad_sumsq,
 };
 
 const backend *backend_cpu(void) { return &cpu_backend; }

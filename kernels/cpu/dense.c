@@ -23,6 +23,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -890,4 +891,68 @@ void logprob_forward(float *lp, const float *logits, const int32_t *ids, int T, 
         const float *lt = logits + (size_t)t * V;
         lp[t] = lt[ids[t]] - logsumexp_row(lt, V);
     }
+}
+
+/* ------------------------------------------------------------------------------------------ optimizer */
+
+void adamw_update_f32(float *data, const float *grad, float *m, float *v, size_t n, double beta1, double beta2,
+                      double eps, double weight_decay, int64_t step, double lr) {
+    /* The scalars as torch forms them: Python doubles, cast to float by each fp32 kernel. */
+    const double t = (double)step;
+    const double bc1 = 1.0 - pow(beta1, t), bc2 = 1.0 - pow(beta2, t);
+    const float step_size = (float)(lr / bc1);
+    const float bc2_sqrt = (float)sqrt(bc2);
+    const float b1 = (float)beta1, omb1 = (float)(1.0 - beta1);
+    const float b2 = (float)beta2, omb2 = (float)(1.0 - beta2);
+    const float epsf = (float)eps;
+    const float decay = (float)(1.0 - lr * weight_decay);
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++) {
+        float g = grad[i];
+        float x = data[i] * decay;                 /* param.mul_(1 - lr * weight_decay) */
+        float mi = m[i] * b1;                      /* exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1) */
+        mi = mi + omb1 * g;
+        float vi = v[i] * b2;                      /* exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2) */
+        vi = vi + omb2 * g * g;
+        float denom = sqrtf(vi) / bc2_sqrt + epsf; /* (exp_avg_sq.sqrt() / sqrt(bc2)).add_(eps) */
+        x = x + -step_size * mi / denom;           /* param.addcdiv_(exp_avg, denom, value=-step_size) */
+        m[i] = mi;
+        v[i] = vi;
+        data[i] = x;
+    }
+}
+
+double sumsq_f64(const float *g, size_t n) {
+    /* four running sums in a fixed interleave: deterministic, and not bound by one add's latency */
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += (double)g[i] * g[i];
+        s1 += (double)g[i + 1] * g[i + 1];
+        s2 += (double)g[i + 2] * g[i + 2];
+        s3 += (double)g[i + 3] * g[i + 3];
+    }
+    for (; i < n; i++) s0 += (double)g[i] * g[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+double sumsq_chunked(const float *g, size_t n) {
+    const size_t nc = (n + OPTIM_SUMSQ_CHUNK - 1) / OPTIM_SUMSQ_CHUNK;
+    if (nc <= 1) return sumsq_f64(g, n);
+    double *part = malloc(nc * sizeof *part), s = 0.0;
+    if (!part) { /* the same order, one thread */
+        for (size_t c = 0; c < nc; c++) {
+            size_t o = c * OPTIM_SUMSQ_CHUNK;
+            s += sumsq_f64(g + o, n - o < OPTIM_SUMSQ_CHUNK ? n - o : OPTIM_SUMSQ_CHUNK);
+        }
+        return s;
+    }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (size_t c = 0; c < nc; c++) {
+        size_t o = c * OPTIM_SUMSQ_CHUNK;
+        part[c] = sumsq_f64(g + o, n - o < OPTIM_SUMSQ_CHUNK ? n - o : OPTIM_SUMSQ_CHUNK);
+    }
+    for (size_t c = 0; c < nc; c++) s += part[c];
+    free(part);
+    return s;
 }

@@ -125,4 +125,16 @@ void logprob_forward(float *lp,            // (T)
                      const int32_t *ids,   // (T)
                      int T, int V);
 
+/* ---- optimizer kernels (sft/optim.h; the backend table's adamw_update and grad_sumsq on the CPU) ---- */
+
+/* One AdamW update of n contiguous floats at optimizer step `step` (>= 1): the scalars are formed in double as
+ * torch forms them, the elementwise chain in fp32 (sft/optim.h). Elementwise: the same bits for any n split. */
+void adamw_update_f32(float *data, const float *grad, float *m, float *v, size_t n, double beta1, double beta2,
+                      double eps, double weight_decay, int64_t step, double lr);
+/* Σ g[i]² in double over n floats in a fixed order (four interleaved running sums), and the chunked form: chunks
+ * of OPTIM_SUMSQ_CHUNK floats summed in order (threads take whole chunks). */
+#define OPTIM_SUMSQ_CHUNK ((size_t)1 << 15)
+double sumsq_f64(const float *g, size_t n);
+double sumsq_chunked(const float *g, size_t n);
+
 #endif

@@ -413,3 +413,103 @@ extern "C" int cuda_attention_swa_backward(float *, float *, float *, const floa
     return err_set(e, MR_EDEVICE, "attention_swa_backward: sliding-window attention is not implemented on CUDA "
                                   "(moerl_swa_window > 0 needs device cpu)");
 }
+
+// ---------------------------------------------------------------------------------------------- absorbed decode
+
+#define MLA_THREADS 128
+#define MLA_WARPS (MLA_THREADS / 32)
+
+// Block-wide reduction of one value per warp (lane-uniform after warp_max / warp_sum) in warp order.
+__device__ static float block_reduce(float v, float *red, int is_max) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads(); // red may still be read by a previous reduction
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float r = red[0];
+    for (int w = 1; w < MLA_WARPS; w++) r = is_max ? fmaxf(r, red[w]) : r + red[w];
+    return r;
+}
+
+// grid (H, B), MLA_THREADS threads, shared 2·r_kv + 32 floats.
+__global__ static void mla_absorbed_kernel(float *out, float *lse, const float *q, const float *const *ckv,
+                                           const float *const *krope, const int32_t *len, const float *w, int H,
+                                           int dn, int dr, int dv, int rkv, float scale, float *S, int maxlen) {
+    extern __shared__ float sh[];
+    float *qt = sh, *z = sh + rkv, *red = z + rkv;
+    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const float *qb = q + ((size_t)b * H + h) * (size_t)(dn + dr);
+    const float *wk = w + (size_t)h * (size_t)(dn + dv) * rkv; // W_UK[h]: dn rows of r_kv
+    const float *wv = wk + (size_t)dn * rkv;                   // W_UV[h]: dv rows of r_kv
+    for (int r = tid; r < rkv; r += MLA_THREADS) { // q̃[r] = Σ_i W_UK[h][i][r] q_nope[i], i in order
+        float s = 0.0f;
+        for (int i = 0; i < dn; i++) s = fmaf(wk[(size_t)i * rkv + r], qb[i], s);
+        qt[r] = s;
+    }
+    __syncthreads();
+    const int n = len[b];
+    const float *c = ckv[b], *kr = krope[b];
+    float *sc = S + ((size_t)b * H + h) * (size_t)maxlen;
+    float mx = -INFINITY;
+    for (int u = warp; u < n; u += MLA_WARPS) { // one warp per key: lanes stride the latent, then the RoPE key
+        const float *cu = c + (size_t)u * rkv, *ku = kr + (size_t)u * dr;
+        float s = 0.0f;
+        for (int r = lane; r < rkv; r += 32) s = fmaf(qt[r], cu[r], s);
+        for (int r = lane; r < dr; r += 32) s = fmaf(qb[dn + r], ku[r], s);
+        s = scale * warp_sum(s);
+        if (lane == 0) sc[u] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = block_reduce(mx, red, 1);
+    __syncthreads(); // the scores are visible to every thread
+    float part = 0.0f;
+    for (int u = tid; u < n; u += MLA_THREADS) part += expf(sc[u] - mx);
+    const float sum = block_reduce(warp_sum(part), red, 0);
+    const float inv = 1.0f / sum;
+    for (int u = tid; u < n; u += MLA_THREADS) sc[u] = expf(sc[u] - mx) * inv;
+    __syncthreads();
+    for (int r = tid; r < rkv; r += MLA_THREADS) { // z[r] = Σ_u p_u c_kv[u][r], u in order
+        float s = 0.0f;
+        for (int u = 0; u < n; u++) s = fmaf(sc[u], c[(size_t)u * rkv + r], s);
+        z[r] = s;
+    }
+    __syncthreads();
+    float *ob = out + ((size_t)b * H + h) * (size_t)dv;
+    for (int j = tid; j < dv; j += MLA_THREADS) { // out[j] = Σ_r W_UV[h][j][r] z[r]
+        const float *wr = wv + (size_t)j * rkv;
+        float s = 0.0f;
+        for (int r = 0; r < rkv; r++) s = fmaf(wr[r], z[r], s);
+        ob[j] = s;
+    }
+    if (lse && tid == 0) lse[(size_t)b * H + h] = mx + logf(sum);
+}
+
+extern "C" int cuda_mla_absorbed(float *out, float *lse, const float *q, const float *const *c_kv,
+                                 const float *const *k_rope, const int32_t *len, const float *w_kvb, int B, int H,
+                                 int d_nope, int d_rope, int d_v, int r_kv, float scale, mr_err *e) {
+    if (B == 0) return MR_OK;
+    if (B < 0 || H < 1 || H > 65535 || B > 65535 || d_nope < 1 || d_rope < 0 || d_v < 1 || r_kv < 1 || r_kv > 8192)
+        return err_set(e, MR_EINVAL, "mla_absorbed (cuda): bad sizes B=%d H=%d d_nope=%d d_rope=%d d_v=%d r_kv=%d", B,
+                       H, d_nope, d_rope, d_v, r_kv);
+    int maxlen = 0;
+    for (int b = 0; b < B; b++) {
+        if (len[b] < 1) return err_set(e, MR_EINVAL, "mla_absorbed (cuda): sequence %d has %d cached tokens", b, len[b]);
+        if (len[b] > maxlen) maxlen = len[b];
+    }
+    const size_t pbytes = 2 * (size_t)B * sizeof(float *), abytes = pbytes + (size_t)B * sizeof(int32_t);
+    char *args = (char *)dense_cuda_scratch(DENSE_CUDA_SCRATCH_MLA_ARGS, abytes);
+    float *S = (float *)dense_cuda_scratch(DENSE_CUDA_SCRATCH_MLA_SCORES, (size_t)B * H * maxlen * sizeof(float));
+    if (!args || !S) return err_set(e, MR_EDEVICE, "mla_absorbed (cuda): out of device memory for its scratch");
+    cudaError_t st = cudaMemcpy(args, c_kv, (size_t)B * sizeof(float *), cudaMemcpyHostToDevice);
+    if (st == cudaSuccess)
+        st = cudaMemcpy(args + (size_t)B * sizeof(float *), k_rope, (size_t)B * sizeof(float *),
+                        cudaMemcpyHostToDevice);
+    if (st == cudaSuccess) st = cudaMemcpy(args + pbytes, len, (size_t)B * sizeof(int32_t), cudaMemcpyHostToDevice);
+    if (st != cudaSuccess) return err_set(e, MR_EDEVICE, "mla_absorbed (cuda): copying its arguments: %s", cudaGetErrorString(st));
+    const size_t smem = (2 * (size_t)r_kv + 32) * sizeof(float);
+    mla_absorbed_kernel<<<dim3((unsigned)H, (unsigned)B), MLA_THREADS, smem>>>(
+        out, lse, q, (const float *const *)args, (const float *const *)(args + (size_t)B * sizeof(float *)),
+        (const int32_t *)(args + pbytes), w_kvb, H, d_nope, d_rope, d_v, r_kv, scale, S, maxlen);
+    st = cudaGetLastError();
+    if (st != cudaSuccess) return err_set(e, MR_EDEVICE, "mla_absorbed (cuda): launch: %s", cudaGetErrorString(st));
+    return MR_OK;
+}

@@ -40,6 +40,16 @@ int cuda_attention_swa_backward(float *dq, float *dk, float *dv, const float *do
                                 const float *lse, const float *q, const float *k, const float *v,
                                 const int32_t *doc_start, int T, int H, int d_qk, int d_v, float scale, int window,
                                 int ratio, mr_err *e);
+/* Absorbed MLA attention over latent caches (kernels/cpu/attention.h, mla_decode_absorbed_lse; the table's
+ * mla_absorbed): c_kv, k_rope and len are HOST arrays of B entries whose pointers are device memory; out, lse
+ * (or NULL), q and w_kvb are device memory. One block per (head, sequence): q̃ = W_UK[h]ᵀ q_nope in shared memory,
+ * one warp per key for the scores (kept in device scratch, B·H·max(len) floats), softmax, then z = Σ_u p_u c_kv[u]
+ * one lane per latent column and out = W_UV[h] z one lane per output. Fixed orders, no atomics: deterministic and
+ * batch-invariant; not the CPU's bits (parity to fp32 rounding). Synchronous in its argument copies (the host
+ * arrays may be reused on return). MR_EINVAL for a len < 1 or bad sizes, MR_EDEVICE for a CUDA failure. */
+int cuda_mla_absorbed(float *out, float *lse, const float *q, const float *const *c_kv, const float *const *k_rope,
+                      const int32_t *len, const float *w_kvb, int B, int H, int d_nope, int d_rope, int d_v, int r_kv,
+                      float scale, mr_err *e);
 /* Frees the kernels' scratch (D of the backward); it is allocated again on demand. */
 void attention_cuda_release(void);
 

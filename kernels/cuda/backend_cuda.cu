@@ -74,6 +74,55 @@ static int cuda_axpy(float *y, const float *x, float a, size_t n, mr_err *e) {
     return MR_OK;
 }
 
+// The memory ops between kernels: void in the table, so a failure is noted for the next sync (dense_cuda.h).
+static void cuda_zero(void *p, size_t n) {
+    cudaError_t st = cudaMemsetAsync(p, 0, n, 0);
+    if (st != cudaSuccess) dense_cuda_note_error(__FILE__, __LINE__, "cudaMemsetAsync", cudaGetErrorString(st));
+}
+
+static void cuda_copy2d(float *dst, size_t dpitch, const float *src, size_t spitch, size_t width, size_t rows) {
+    if (!width || !rows) return;
+    cudaError_t st = cudaMemcpy2DAsync(dst, dpitch * sizeof(float), src, spitch * sizeof(float),
+                                       width * sizeof(float), rows, cudaMemcpyDeviceToDevice, 0);
+    if (st != cudaSuccess) dense_cuda_note_error(__FILE__, __LINE__, "cudaMemcpy2DAsync", cudaGetErrorString(st));
+}
+
+__global__ static void scale_kernel(float *x, float s, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] = __fmul_rn(x[i], s);
+}
+
+static void cuda_scale(float *x, float s, size_t n) {
+    if (n == 0) return;
+    size_t blocks = (n + 255) / 256;
+    if (blocks > 65535) blocks = 65535;
+    scale_kernel<<<(unsigned)blocks, 256>>>(x, s, n);
+    cudaError_t st = cudaGetLastError();
+    if (st != cudaSuccess) dense_cuda_note_error(__FILE__, __LINE__, "launch of scale_kernel", cudaGetErrorString(st));
+}
+
+// The optimizer's ops: e may be NULL (the optimizer calls them entry by entry and checks at the next sync).
+static int cuda_adamw_op(float *data, const float *grad, float *m, float *v, size_t n, double beta1, double beta2,
+                         double eps, double weight_decay, int64_t step, double lr, mr_err *e) {
+    mr_err le = {};
+    int rc = cuda_adamw_update(data, grad, m, v, n, beta1, beta2, eps, weight_decay, step, lr, &le);
+    if (rc) {
+        dense_cuda_note_error(__FILE__, __LINE__, "adamw_update", le.msg);
+        if (e) *e = le;
+    }
+    return rc;
+}
+
+static int cuda_sumsq_op(double *sumsq, const float *g, size_t n, mr_err *e) {
+    mr_err le = {};
+    int rc = cuda_grad_sumsq(sumsq, g, n, &le);
+    if (rc) {
+        dense_cuda_note_error(__FILE__, __LINE__, "grad_sumsq", le.msg);
+        if (e) *e = le;
+    }
+    return rc;
+}
+
 static backend make_cuda_backend() {
     backend b = {};
     b.kind = BACKEND_CUDA;
@@ -85,6 +134,11 @@ static backend make_cuda_backend() {
     b.sync = cuda_sync;
     b.fill_normal = cuda_fill_normal;
     b.axpy = cuda_axpy;
+    b.zero = cuda_zero;
+    b.copy2d = cuda_copy2d;
+    b.scale = cuda_scale;
+    b.adamw_update = cuda_adamw_op;
+    b.grad_sumsq = cuda_sumsq_op;
     // The model's ops: dense (dense_cuda.cu), attention (attention_cuda.cu; sliding-window attention is an entry
     // that returns MR_EDEVICE "not implemented on CUDA"), MoE (moe_cuda.cu; its moe_saved / moe_work must come from
     // backend_moe_saved_init / backend_moe_work_init, which put the buffers on the device).
@@ -106,6 +160,10 @@ static backend make_cuda_backend() {
     b.moe_forward = cuda_moe_forward;
     b.moe_backward = cuda_moe_backward;
     b.moe_balance_loss = cuda_moe_balance_loss;
+    // Absorbed attention over the latent caches: the rollout's decode. Training keeps flash attention on CUDA
+    // (det_absorbed 0), so there the rollout's log-probs equal the trainer's to fp32 rounding, not bit for bit.
+    b.mla_absorbed = cuda_mla_absorbed;
+    b.det_absorbed = 0;
     return b;
 }
 static const backend cuda_backend = make_cuda_backend();

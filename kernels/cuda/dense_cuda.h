@@ -47,6 +47,7 @@ enum {
     DENSE_CUDA_SCRATCH_A, DENSE_CUDA_SCRATCH_B, DENSE_CUDA_SCRATCH_C, DENSE_CUDA_SCRATCH_SUM, /* dense_cuda.cu */
     DENSE_CUDA_SCRATCH_MOE_DISPATCH, DENSE_CUDA_SCRATCH_MOE_FLAG, DENSE_CUDA_SCRATCH_MOE_BAL_INT,
     DENSE_CUDA_SCRATCH_MOE_BAL_ROW, /* moe_cuda.cu */
+    DENSE_CUDA_SCRATCH_MLA_ARGS, DENSE_CUDA_SCRATCH_MLA_SCORES, /* attention_cuda.cu (absorbed decode) */
     DENSE_CUDA_SCRATCH_N
 };
 void *dense_cuda_scratch(int slot, size_t nbytes);
