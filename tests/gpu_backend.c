@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels/backend.h"
 #include "tests/gpu_common.h"
@@ -66,6 +67,54 @@ Test(gpu, axpy_matches_cpu) {
     free(x);
     free(y);
     free(h);
+}
+/* The memory ops the model runs between kernels: zero, a pitched 2-D copy and scale give the CPU table's bits on
+ * a poisoned destination; then the optimizer entries of the table (AdamW update, sum of squares in double). */
+Test(gpu, memory_ops_match_cpu) {
+    enum { R = 37, P = 129, W = 61, DP = 70 };
+    const backend *c = backend_cpu();
+    float *src = hrand(R * P, 5, 1.0f), *ref = malloc(R * DP * sizeof *ref);
+    for (int i = 0; i < R * DP; i++) ref[i] = NAN;
+    c->zero(ref + 3 * DP, 2 * DP * sizeof(float));
+    c->copy2d(ref + 5 * DP + 4, DP, src + 9, P, W, R - 5); /* rows 5.., columns 4..64 from columns 9..69 */
+    c->scale(ref + 5 * DP, 0.375f, (R - 5) * (size_t)DP);
+    float *ds = dput(src, R * P * sizeof(float)), *dd = dpoison(R * DP);
+    gpu->zero(dd + 3 * DP, 2 * DP * sizeof(float));
+    gpu->copy2d(dd + 5 * DP + 4, DP, ds + 9, P, W, R - 5);
+    gpu->scale(dd + 5 * DP, 0.375f, (R - 5) * (size_t)DP);
+    float *got = dget(dd, R * DP);
+    for (int i = 0; i < R * DP; i++)
+        cr_assert(memcmp(&got[i], &ref[i], sizeof(float)) == 0 || (isnan(got[i]) && isnan(ref[i])),
+                  "element %d (row %d, column %d): %g vs cpu %g", i, i / DP, i % DP, got[i], ref[i]);
+    free(got);
+    gpu->free(ds);
+    gpu->free(dd);
+    free(src);
+    free(ref);
+}
+
+Test(gpu, optimizer_entries_match_cpu) {
+    const size_t n = 70001;
+    mr_err e = {0};
+    const backend *c = backend_cpu();
+    float *w = hrand(n, 1, 0.5f), *g = hrand(n, 2, 1e-2f), *m = hrand(n, 3, 1e-3f), *v = hrand(n, 4, 1e-4f);
+    for (size_t i = 0; i < n; i++) v[i] = v[i] * v[i];
+    float *dw = dput(w, n * 4), *dg = dput(g, n * 4), *dm = dput(m, n * 4), *dv = dput(v, n * 4);
+    for (int64_t step = 1; step <= 3; step++) {
+        cr_assert_eq(c->adamw_update(w, g, m, v, n, 0.9, 0.95, 1e-8, 0.1, step, 3e-4, &e), MR_OK, "%s", e.msg);
+        cr_assert_eq(gpu->adamw_update(dw, dg, dm, dv, n, 0.9, 0.95, 1e-8, 0.1, step, 3e-4, &e), MR_OK, "%s", e.msg);
+    }
+    float *hw = dget(dw, n), *hm = dget(dm, n), *hv = dget(dv, n);
+    cr_assert_eq(memcmp(hw, w, n * 4), 0, "weights differ from the CPU's bits");
+    cr_assert_eq(memcmp(hm, m, n * 4), 0, "first moments differ from the CPU's bits");
+    cr_assert_eq(memcmp(hv, v, n * 4), 0, "second moments differ from the CPU's bits");
+    double sc, sg;
+    cr_assert_eq(c->grad_sumsq(&sc, g, n, &e), MR_OK);
+    cr_assert_eq(gpu->grad_sumsq(&sg, dg, n, &e), MR_OK, "%s", e.msg);
+    cr_assert(fabs(sg - sc) <= 1e-12 * sc, "sum of squares %.17g vs cpu %.17g", sg, sc);
+    free(hw), free(hm), free(hv);
+    gpu->free(dw), gpu->free(dg), gpu->free(dm), gpu->free(dv);
+    free(w), free(g), free(m), free(v);
 }
 #endif
 
