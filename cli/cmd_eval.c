@@ -264,10 +264,7 @@ int cmd_eval(int argc, char **argv) {
     for (int i = 0; i < n; i++)
         if (D.eval[i].n > T_max) T_max = D.eval[i].n;
     model_opts mo = {.mm = recipe_bool(r, "run.deterministic") ? MM_DET : MM_FAST};
-    if (backend_get(recipe_str(r, "run.device"), &mo.backend, &e)) {
-        err_prefix(&e, "%s: run.device", recipe_source(r));
-        goto fail;
-    }
+    if (backend_from_recipe(r, &mo.backend, &e)) goto fail;
     if (model_init(&m, &prm, &mo, T_max, &e)) goto fail;
 
     rollout_opts o = rollout_opts_default();

@@ -1056,6 +1056,12 @@ static int cross_checks(const recipe *r, mr_err *e) {
         }
     }
 
+    /* bf16 GEMMs exist on the GPU backend only */
+    const char *prec = recipe_str(r, "run.precision"), *dev = recipe_str(r, "run.device");
+    if (prec && dev && !strcmp(prec, "bf16") && strcmp(dev, "cuda"))
+        return nerr(r, e, MR_EINVAL, pick(node_at(r, "run.precision"), node_at(r, "run.device")), "run.precision",
+                    "bf16 needs run.device cuda (device %s computes in fp32), got bf16", dev);
+
     /* SFT batch: whole sequences per micro-batch */
     int64_t bs = int_at(r, "sft.batch_seqs"), ga = int_at(r, "sft.grad_accum");
     if (bs % ga)

@@ -19,6 +19,7 @@
 #define IN(lo, hi) .flags = RF_MIN | RF_MAX, .min = (lo), .max = (hi)
 
 static const char *const device_values[] = {"cpu", "cuda", "cpu-guarded", NULL};
+static const char *const precision_values[] = {"fp32", "bf16", NULL};
 static const char *const backward_gemm_values[] = {"blas", "det", NULL};
 static const char *const preset_values[] = {"tiny", NULL};
 static const char *const style_values[] = {"hash", "tags", NULL};
@@ -41,6 +42,9 @@ static const recipe_field run_fields[] = {
     {"store", RT_STRING, .def = "\"runs.db\"", .doc = "SQLite run store: runs, metrics, samples, checkpoints"},
     {"out_dir", RT_STRING, .def = "\"runs\"", .doc = "directory for checkpoints and exported models"},
     {"device", RT_ENUM, .def = "cpu", .values = device_values, .doc = "backend that runs the model (cpu-guarded: the CPU ops on memory host code cannot touch, a check of the GPU code path)"},
+    {"precision", RT_ENUM, .def = "fp32", .values = precision_values,
+     .doc = "GEMM precision: fp32, or bf16 inputs with fp32 accumulation for the fast GEMMs (the backward's, and "
+            "the forward's with deterministic false; device cuda only). Weights, gradients and AdamW state stay fp32"},
     {"threads", RT_INT, .def = "0", GE(0), .doc = "CPU threads (0 = all cores)"},
     {"deterministic", RT_BOOL, .def = "true",
      .doc = "batch-invariant kernels with a fixed reduction order (rollout and trainer log-probs agree bit for bit)"},

@@ -881,6 +881,11 @@ static int grpo_step(job *J, micro *mb, mr_err *e) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     put(J, "mem/peak_rss_gb", (double)ru.ru_maxrss / (1024.0 * 1024.0));
+    if (J->m.be->mem_stats) { /* device memory (CUDA: the driver's view, workspaces and context included) */
+        size_t used, peak;
+        J->m.be->mem_stats(&used, &peak);
+        put(J, "mem/peak_device_gb", (double)peak / (1024.0 * 1024.0 * 1024.0));
+    }
     put(J, "filter/pass_rate", drawn ? (double)kept_groups / drawn : 0);
     put(J, "filter/extra_rounds", rounds - 1);
     put(J, "filter/groups", kept_groups);
@@ -1031,9 +1036,8 @@ int grpo_run(const recipe *r, int resume, int64_t stop_after, mr_err *e) {
     model_opts mo = {.mm = recipe_bool(r, "run.deterministic") ? MM_DET : MM_FAST,
                      .mm_bwd = strcmp(recipe_str(r, "run.backward_gemm"), "det") ? MM_FAST : MM_DET,
                      .balance_alpha = (float)recipe_float(r, "grpo.balance_alpha")};
-    if ((rc = backend_get(recipe_str(r, "run.device"), &mo.backend, e))) {
+    if ((rc = backend_from_recipe(r, &mo.backend, e))) {
         params_free(&p);
-        err_prefix(e, "%s: run.device", recipe_source(r));
         goto fail;
     }
     if ((rc = model_init(&J->m, &p, &mo, T_max, e))) goto fail;

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "core/recipe.h"
 #include "kernels/cpu/backend_guarded.h"
 
 #ifdef MOERL_HAVE_CUDA
@@ -40,6 +41,29 @@ void backend_describe(char *buf, size_t n) {
 #else
     snprintf(buf, n, "backends: cpu (OpenMP + OpenBLAS); cuda not built (no nvcc at build time)");
 #endif
+}
+
+int backend_set_precision(const backend *b, const char *precision, const char *key, mr_err *e) {
+    int bf16 = !strcmp(precision, "bf16");
+    if (!bf16 && strcmp(precision, "fp32"))
+        return err_set(e, MR_EINVAL, "%s: expected fp32 or bf16, got \"%s\"", key, precision);
+    if (!b->set_gemm_bf16) {
+        if (bf16)
+            return err_set(e, MR_EINVAL,
+                           "%s: bf16 GEMMs need a GPU backend (device %s computes in fp32); use fp32 or device cuda",
+                           key, b->name);
+        return MR_OK;
+    }
+    b->set_gemm_bf16(bf16);
+    return MR_OK;
+}
+
+int backend_from_recipe(const recipe *r, const backend **out, mr_err *e) {
+    int rc = backend_get(recipe_str(r, "run.device"), out, e);
+    if (rc) return err_prefix(e, "%s: run.device", recipe_source(r)), rc;
+    if ((rc = backend_set_precision(*out, recipe_str(r, "run.precision"), "run.precision", e)))
+        return err_prefix(e, "%s", recipe_source(r)), rc;
+    return MR_OK;
 }
 
 int backend_has_model_ops(const backend *b) {

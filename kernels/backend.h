@@ -93,10 +93,25 @@ typedef struct backend {
     /* 1: in MM_DET the training forward computes attention with mla_absorbed, so a decode step's logits equal the
      * trainer's bit for bit (model.h); 0: flash attention in training. */
     int det_absorbed;
+    /* GEMM precision of the fast matmuls (MM_FAST: the backward's by default, the forward's with
+     * run.deterministic false): 1 rounds their inputs to bf16 and accumulates in fp32 (tensor cores), 0 keeps fp32.
+     * Returns the previous setting. NULL where only fp32 exists (the CPU backends). */
+    int (*set_gemm_bf16)(int on);
+    /* Device memory now in use and the most in use since the process began (bytes); NULL for the CPU (host memory:
+     * the run's peak RSS covers it). */
+    void (*mem_stats)(size_t *in_use, size_t *peak);
 } backend;
 
 /* 1 when b's memory is host memory that any code may read (the CPU backend). */
 static inline int backend_is_host(const backend *b) { return b->kind == BACKEND_CPU; }
+
+/* run.precision: "fp32" (always) or "bf16" (a backend with set_gemm_bf16). MR_EINVAL naming the backend
+ * otherwise; key names the recipe key for the message. */
+int backend_set_precision(const backend *b, const char *precision, const char *key, mr_err *e);
+
+/* The backend a recipe asks for (run.device) with run.precision applied; errors name the recipe file and key. */
+struct recipe;
+int backend_from_recipe(const struct recipe *r, const backend **out, mr_err *e);
 
 /* 1 when every model operation above is implemented. */
 int backend_has_model_ops(const backend *b);

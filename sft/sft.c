@@ -210,9 +210,8 @@ int sft_run(const recipe *r, int resume, mr_err *e) {
                      .mm_bwd = strcmp(recipe_str(r, "run.backward_gemm"), "det") ? MM_FAST : MM_DET,
                      .mtp_weight = (float)recipe_float(r, "sft.mtp_weight"),
                      .balance_alpha = (float)recipe_float(r, "sft.balance_alpha")};
-    if ((rc = backend_get(recipe_str(r, "run.device"), &mo.backend, e))) {
+    if ((rc = backend_from_recipe(r, &mo.backend, e))) {
         params_free(&p);
-        err_prefix(e, "%s: run.device", recipe_source(r));
         goto fail;
     }
     if ((rc = model_init(&J.m, &p, &mo, T_max, e))) goto fail;

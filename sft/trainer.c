@@ -10,6 +10,7 @@
 #include "core/sha256.h"
 #include "core/progress.h"
 #include "core/rng.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/moe.h"
 #include "sft/checkpoint.h"
 
@@ -276,6 +277,11 @@ int sft_train(model *m, const sft_example *ex, size_t n_ex, const sft_cfg *cfg, 
         put(&M, "optim/skipped_steps", (double)st.skipped);
         put(&M, "tput/train_tok_s", dt > 0 ? (double)tokens / dt : 0);
         put(&M, "train/loss_tokens", (double)n_step);
+        if (m->be->mem_stats) {
+            size_t used, peak;
+            m->be->mem_stats(&used, &peak);
+            put(&M, "mem/peak_device_gb", (double)peak / (1024.0 * 1024.0 * 1024.0));
+        }
         double bias_abs = 0;
         for (int l = 0; l < m->p.n_layers; l++) {
             if (!m->p.w.layers[l].is_moe) continue;

@@ -12,9 +12,10 @@
 #include <unistd.h>
 
 #include "tests/gpu_common.h"
-#include "tests/model_pair.h"
 
 #ifdef MOERL_HAVE_CUDA
+#include "tests/model_pair.h"
+
 TestSuite(gpu_model, .init = gpu_setup);
 
 Test(gpu_model, training_step_and_optimizer_match_the_cpu_fp32_exact_gemm) { mp_train_step(gpu, MM_DET, 1e-5, 1e-4); }

@@ -89,6 +89,11 @@ static void run_both(const char *cmd, const char *ckpt) {
     char *a = mp_setup_dir(), *b = mp_setup_dir();
     mp_run(a, cmd, "");
     mp_run(b, cmd, "--set run.device=cpu-guarded");
+    char line[4096], *out = NULL;
+    snprintf(line, sizeof line, "%s runs export 1 --db %s/runs.db", tu_bin(), b);
+    cr_assert_eq(tu_run(line, &out), 0, "%s", out);
+    cr_assert(strstr(out, ",mem/peak_device_gb,"), "the device run logs its peak device memory:\n%s", out);
+    free(out);
     char *ma = mp_metrics(a), *mb = mp_metrics(b);
     cr_assert_str_eq(ma, mb, "%s: metrics differ between cpu and cpu-guarded", cmd);
     free(ma);

@@ -472,6 +472,10 @@ static const bad_case bad_cases[] = {
      "--set rewards[0].lua=x.lua: rewards[0]: expected exactly one of math, code, format, lua, judge, toolcall, got "
      "math and lua",
      MR_EINVAL},
+    {"bf16 on the CPU",
+     "run:\n  name: t\n  precision: bf16\nmodel:\n  preset: tiny\ntokenizer:\n  train:\ndata:\n  generator:\n"
+     "    task: arithmetic\n",
+     NULL, "bad.yaml:3:3: run.precision: bf16 needs run.device cuda (device cpu computes in fp32), got bf16", MR_EINVAL},
     {"--set cross-field", BASE, "grpo.mini_batches_per_step=3",
      "--set grpo.mini_batches_per_step=3: grpo.mini_batches_per_step: expected a divisor of prompts_per_step * "
      "num_generations (128), got 3",

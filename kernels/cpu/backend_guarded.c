@@ -22,7 +22,7 @@ typedef struct block {
 /* The range: blocks tile [0, top) in address order; pages past top were never handed out. */
 static struct {
     char *base;
-    size_t top, in_use;
+    size_t top, in_use, peak;
     block *b;
     int n, cap;
     int open; /* nesting depth of open() */
@@ -71,11 +71,13 @@ static void *g_alloc(size_t n) {
         b->len = n;
         b->used = 1;
         G.in_use += n;
+        if (G.in_use > G.peak) G.peak = G.in_use;
         return G.base + b->off;
     }
     if (n > RESERVE - G.top || insert_block(G.n, (block){G.top, n, 1})) return NULL;
     G.top += n;
     G.in_use += n;
+    if (G.in_use > G.peak) G.peak = G.in_use;
     /* the new pages follow the range's current protection */
     mprotect(G.base + G.top - n, n, G.open ? PROT_READ | PROT_WRITE : PROT_NONE);
     return G.base + G.top - n;
@@ -104,6 +106,11 @@ static void g_free(void *p) {
 }
 
 size_t guarded_bytes_in_use(void) { return G.in_use; }
+
+static void g_mem_stats(size_t *in_use, size_t *peak) {
+    *in_use = G.in_use;
+    *peak = G.peak;
+}
 
 static int g_to_device(void *dst, const void *src, size_t n, mr_err *e) {
     (void)e;
@@ -259,6 +266,7 @@ static const backend guarded_backend = {
     .moe_balance_loss = g_moe_balance_loss,
     .mla_absorbed = g_mla_absorbed,
     .det_absorbed = 1,
+    .mem_stats = g_mem_stats,
 };
 
 const backend *backend_guarded(void) { return &guarded_backend; }

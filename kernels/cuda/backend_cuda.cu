@@ -20,9 +20,27 @@
             return err_set((e), MR_EDEVICE, "%s:%d: %s: %s", __FILE__, __LINE__, #call, cudaGetErrorString(st_)); \
     } while (0)
 
+// Device memory in use is read from the driver (total - free: our buffers, cuBLAS workspaces, the scratch of
+// dense_cuda.cu and the context); the peak is the most seen after any allocation or query.
+static size_t mem_peak;
+
+static size_t mem_used(void) {
+    size_t fr = 0, tot = 0;
+    if (cudaMemGetInfo(&fr, &tot) != cudaSuccess) return 0;
+    size_t u = tot - fr;
+    if (u > mem_peak) mem_peak = u;
+    return u;
+}
+
+static void cuda_mem_stats(size_t *in_use, size_t *peak) {
+    *in_use = mem_used();
+    *peak = mem_peak;
+}
+
 static void *cuda_alloc(size_t n) {
     void *p = NULL;
     if (cudaMalloc(&p, n ? n : 1) != cudaSuccess) return NULL;
+    mem_used();
     return p;
 }
 
@@ -164,6 +182,8 @@ static backend make_cuda_backend() {
     // (det_absorbed 0), so there the rollout's log-probs equal the trainer's to fp32 rounding, not bit for bit.
     b.mla_absorbed = cuda_mla_absorbed;
     b.det_absorbed = 0;
+    b.set_gemm_bf16 = dense_cuda_set_bf16;
+    b.mem_stats = cuda_mem_stats;
     return b;
 }
 static const backend cuda_backend = make_cuda_backend();
