@@ -11,6 +11,7 @@
  * (to split the non-GEMM time). FLOPs come from the config by one stated formula, so every column divides the same
  * numerator. */
 #include <cblas.h>
+#undef I /* complex.h (through OpenBLAS's cblas.h) defines it; kernels/backend.h names a parameter I */
 #include <dlfcn.h>
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -31,6 +32,8 @@
 #include "model/config.h"
 #include "model/model.h"
 #include "model/params.h"
+#include "kernels/backend.h"
+#include "sft/optim.h"
 
 #define BENCH_MTP_WEIGHT 0.3f /* λ of DeepSeek-V3's first 10T tokens (MODEL-SPEC §9.4) */
 #define BENCH_STD 0.006f      /* init std (MODEL-SPEC §9.5) */
@@ -527,11 +530,203 @@ void bench_config_100m(model_config *c) {
     c->num_nextn_predict_layers = 1;
 }
 
+/* The ~1B-total preset (issue 9's "~1B-total MoE"): d = 1024, 14 layers (1 dense), 16 heads, 64 routed experts
+ * top-6 in 8 groups keeping 4, 2 shared, expert width 352, vocab 32768, MTP depth 1: 1.05B total, 0.24B active. */
+void bench_config_1b(model_config *c);
+void bench_config_1b(model_config *c) {
+    bench_config_100m(c);
+    c->hidden_size = 1024;
+    c->intermediate_size = 4096;
+    c->moe_intermediate_size = 352;
+    c->num_hidden_layers = 14;
+    c->num_attention_heads = 16;
+    c->num_key_value_heads = 16;
+    c->n_shared_experts = 2;
+    c->n_routed_experts = 64;
+    c->num_experts_per_tok = 6;
+    c->n_group = 8;
+    c->topk_group = 4;
+    c->q_lora_rank = 512;
+    c->kv_lora_rank = 256;
+}
+
+/* ------------------------------------------------------------------------------------------ a device */
+
+/* `moerl bench model --device cuda|cpu-guarded`: the training step (forward, backward, AdamW) timed with a sync
+ * after each part, its model FLOPs from the same plan as the CPU benchmark, MFU against the device's bf16 peak,
+ * the decode step at batch 1 and batch B on latent caches in device memory against the memory-bandwidth bound,
+ * and the peak device memory. */
+static int bench_device(const model_config *c, const char *cfg_name, const char *device, const char *precision,
+                        int T, int steps, int seed, mm_mode mm, mm_mode mm_bwd, double peak_tflops, int dec_batch) {
+    mr_err e = {0};
+    const backend *be;
+    if (backend_get(device, &be, &e) || backend_set_precision(be, precision, "--precision", &e)) {
+        fprintf(stderr, "moerl bench model: %s\n", e.msg);
+        return 1;
+    }
+    backend_device_info di;
+    memset(&di, 0, sizeof di);
+    if (be->device_info && be->device_info(&di, &e)) {
+        fprintf(stderr, "moerl bench model: %s\n", e.msg);
+        return 1;
+    }
+    if (!be->device_info) snprintf(di.name, sizeof di.name, "%s (host memory; no device peaks)", be->name);
+    if (peak_tflops > 0) di.peak_bf16_flops = peak_tflops * 1e12;
+    const int prompt = 32, new_tok = 32;
+    if (T < dec_batch * prompt) T = dec_batch * prompt; /* the prefill of the decode part packs B prompts */
+    if (T > c->max_position_embeddings) T = c->max_position_embeddings;
+    const int B = T / prompt < dec_batch ? T / prompt : dec_batch;
+    config_params pc;
+    config_param_breakdown(c, &pc);
+
+    int rc = 1;
+    model m;
+    memset(&m, 0, sizeof m);
+    model_params p;
+    memset(&p, 0, sizeof p);
+    adamw opt;
+    memset(&opt, 0, sizeof opt);
+    plan pl;
+    memset(&pl, 0, sizeof pl);
+    int32_t *ids = mem_alloc(sizeof *ids * (size_t)T), *tgt = mem_alloc(sizeof *tgt * (size_t)T);
+    int32_t *pos = mem_alloc(sizeof *pos * (size_t)T), *doc = mem_alloc(sizeof *doc * (size_t)T);
+    double *tf = mem_alloc(sizeof(double) * (size_t)steps), *tb = mem_alloc(sizeof(double) * (size_t)steps);
+    double *to = mem_alloc(sizeof(double) * (size_t)steps);
+    float *kvmem[256] = {0};
+    model_kv kv[256];
+    model_kv *kvp[256];
+    if (!ids || !tgt || !pos || !doc || !tf || !tb || !to || B > 256) {
+        err_set(&e, MR_ENOMEM, "out of memory");
+        goto fail;
+    }
+    if (params_init(&p, c, &e)) goto fail;
+    params_init_random(&p, (uint64_t)seed, BENCH_STD);
+    const size_t n_params = p.n;
+    model_opts mo = {.backend = be, .mm = mm, .mm_bwd = mm_bwd, .mtp_weight = BENCH_MTP_WEIGHT,
+                     .balance_alpha = (float)c->aux_loss_alpha};
+    if (model_init(&m, &p, &mo, T, &e)) goto fail;
+    params_zero_grad(&m.p);
+    if (adamw_init(&opt, &m.p, adamw_defaults(), &e)) goto fail;
+    uint64_t s = 0x9E3779B97F4A7C15ull ^ (uint64_t)seed;
+    for (int t = 0; t < T; t++) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        ids[t] = (int32_t)((s >> 33) % (uint64_t)c->vocab_size);
+    }
+    for (int t = 0; t < T; t++) tgt[t] = t + 1 < T ? ids[t + 1] : -1;
+    model_batch batch = {.ids = ids, .targets = tgt, .T = T};
+
+    printf("moerl bench model: %s on %s, T = %d tokens (one document), mm %s, backward GEMMs %s, precision %s;\n"
+           "median of %d steps after 1 warm-up, a device sync after each part\n",
+           cfg_name, be->name, T, mm == MM_DET ? "det" : "fast", mm_bwd == MM_DET ? "det" : "fast", precision, steps);
+    char desc[512];
+    backend_describe(desc, sizeof desc);
+    printf("device: %s; %s\n", di.name, desc);
+    printf("parameters: total %.3fB (main model), active per token %.3fB; MTP modules %.1fM; %zu floats with MTP\n",
+           pc.total * 1e-9, pc.activated * 1e-9, pc.mtp_total * 1e-6, n_params);
+
+    model_loss loss;
+    for (int it = -1; it < steps; it++) {
+        double t0 = now_s();
+        if (model_forward(&m, &batch, 1, &loss, &e) || be->sync(&e)) goto fail;
+        double t1 = now_s();
+        if (model_backward(&m, &batch, &e) || be->sync(&e)) goto fail;
+        double t2 = now_s();
+        grad_clip(&m.p, 1.0);
+        adamw_step(&opt, &m.p, 1e-5);
+        params_zero_grad(&m.p);
+        if (be->sync(&e)) goto fail;
+        double t3 = now_s();
+        if (it >= 0) tf[it] = t1 - t0, tb[it] = t2 - t0, to[it] = t3 - t0;
+    }
+    const double fwd = median(tf, steps), fb = median(tb, steps), full = median(to, steps);
+    if (plan_build(&pl, &m, T, &e)) goto fail;
+    const double Ff = pl.gemm_flop + pl.att_flop, Fs = 3.0 * Ff;
+    printf("\nFLOPs (the CPU benchmark's formula: every GEMM 2mnk + causal attention; backward = 2 x forward):\n"
+           "  forward %.3f GFLOP, training step %.3f GFLOP (%.1f per token)\n", Ff * 1e-9, Fs * 1e-9, Fs / T * 1e-6);
+    printf("\n  %-28s %12s %12s %10s\n", "", "ms", "tokens/s", "TFLOP/s");
+    printf("  %-28s %12.2f %12.0f %10.2f\n", "forward", fwd * 1e3, T / fwd, Ff / fwd * 1e-12);
+    printf("  %-28s %12.2f %12.0f %10.2f\n", "forward + backward", fb * 1e3, T / fb, Fs / fb * 1e-12);
+    printf("  %-28s %12.2f %12.0f %10.2f\n", "training step (+ clip, AdamW)", full * 1e3, T / full,
+           Fs / full * 1e-12);
+    if (di.peak_bf16_flops > 0)
+        printf("  MFU (training step FLOP/s / dense bf16 peak %.1f TFLOP/s): %.1f%%%s\n", di.peak_bf16_flops * 1e-12,
+               100.0 * Fs / full / di.peak_bf16_flops,
+               strcmp(precision, "bf16") ? " (fp32 GEMMs: see --precision bf16)" : "");
+    else
+        printf("  MFU: no bf16 peak known for this device (pass --peak-tflops)\n");
+    if (di.peak_fp32_flops > 0)
+        printf("  share of the fp32 non-tensor peak (%.1f TFLOP/s): %.1f%%\n", di.peak_fp32_flops * 1e-12,
+               100.0 * Fs / full / di.peak_fp32_flops);
+    printf("  loss at init %.4f\n", loss.total);
+
+    /* decode: B prompts of 32 tokens prefilled into their own latent caches, then new_tok decode steps */
+    size_t fc, fk;
+    model_kv_floats(&m, prompt + new_tok + 1, &fc, &fk);
+    for (int b = 0; b < B; b++) {
+        kvmem[b] = be->alloc((fc + fk) * sizeof(float));
+        if (!kvmem[b]) {
+            err_set(&e, MR_ENOMEM, "device memory for %d latent caches", B);
+            goto fail;
+        }
+    }
+    printf("\ndecode (latent KV caches in device memory; %d-token prompts, %d steps, no sampling):\n", prompt, new_tok);
+    const double read_per_tok = 4.0 * ((double)pc.activated - (double)c->vocab_size * c->hidden_size);
+    int batches[2] = {1, B};
+    for (int bi = 0; bi < (B > 1 ? 2 : 1); bi++) {
+        const int nb = batches[bi];
+        for (int b = 0; b < nb; b++) {
+            kv[b] = (model_kv){.ckv = kvmem[b], .kpe = kvmem[b] + fc, .cap = prompt + new_tok + 1};
+            kvp[b] = &kv[b];
+        }
+        for (int t = 0; t < nb * prompt; t++) pos[t] = t % prompt, doc[t] = t / prompt * prompt;
+        model_batch pb = {.ids = ids, .pos = pos, .doc_start = doc, .T = nb * prompt, .skip_mtp = 1};
+        double t0 = now_s();
+        if (model_prefill(&m, &pb, kvp, nb, &e) || be->sync(&e)) goto fail;
+        double t1 = now_s();
+        for (int it = 0; it < new_tok; it++) {
+            if (it == 1) t1 = now_s(); /* the first step is the warm-up */
+            if (model_decode_step(&m, ids + it * nb % (T - nb), kvp, nb, &e)) goto fail;
+        }
+        if (be->sync(&e)) goto fail;
+        double t2 = now_s(), dec = (t2 - t1) / (new_tok - 1);
+        printf("  batch %3d: prefill %10.0f tok/s   decode %10.0f tok/s  (%.3f ms a step)", nb, nb * prompt / (t1 - t0),
+               nb / dec, dec * 1e3);
+        if (nb == 1 && di.mem_bw > 0)
+            printf("  = %.1f%% of the bound %.0f tok/s", 100.0 * (1.0 / dec) / (di.mem_bw / read_per_tok),
+                   di.mem_bw / read_per_tok);
+        printf("\n");
+    }
+    if (di.mem_bw > 0)
+        printf("  bound = memory bandwidth %.0f GB/s (datasheet: clock x bus width) / fp32 bytes of the weights one\n"
+               "  decoded token reads (activated - embedding table: %.1f MB); the KV cache read is left out\n",
+               di.mem_bw * 1e-9, read_per_tok * 1e-6);
+    if (be->mem_stats) {
+        size_t used, peak;
+        be->mem_stats(&used, &peak);
+        printf("\npeak device memory %.2f GiB (now %.2f); weights + gradients + AdamW state %.2f GiB in fp32\n",
+               peak / 1073741824.0, used / 1073741824.0, 16.0 * n_params / 1073741824.0);
+    }
+    rc = 0;
+    goto done;
+fail:
+    fprintf(stderr, "moerl bench model: %s\n", e.msg[0] ? e.msg : "failed");
+    rc = 1;
+done:
+    for (int b = 0; b < 256; b++)
+        if (kvmem[b]) be->free(kvmem[b]);
+    plan_free(&pl);
+    adamw_free(&opt);
+    model_free(&m);
+    params_free(&p);
+    mem_free(ids), mem_free(tgt), mem_free(pos), mem_free(doc), mem_free(tf), mem_free(tb), mem_free(to);
+    return rc;
+}
+
 /* ------------------------------------------------------------------------------------------ the command */
 
 static void usage_model(FILE *f) {
     fprintf(f,
-            "usage: moerl bench model [--config CONFIG.json | --preset tiny | --preset 100m] [--tokens T]\n"
+            "usage: moerl bench model [--config CONFIG.json | --preset tiny|100m|1b] [--tokens T]\n"
             "                         [--threads N] [--steps S] [--mm det|fast] [--mm-bwd blas|det]\n"
             "                         [--torch] [--torch-script PATH] [--seed N]\n\n"
             "Times the model's training step (forward with targets, then backward) on one batch of T tokens (one\n"
@@ -547,7 +742,15 @@ static void usage_model(FILE *f) {
             "  (b) with --torch, a straightforward PyTorch implementation of the same model at the same thread\n"
             "      count (bench/torch_model.py, run with /usr/bin/python3; skipped with the reason if torch is\n"
             "      missing). --torch-script overrides where the script is looked for.\n"
-            "FLOPs, the share of the step outside GEMMs and the issue-3 targets are printed with their method.\n");
+            "FLOPs, the share of the step outside GEMMs and the issue-3 targets are printed with their method.\n\n"
+            "On a device: --device cuda (or cpu-guarded, the device code path on the CPU) [--precision fp32|bf16]\n"
+            "[--peak-tflops X] [--decode-batch B] times the whole training step (forward, backward, clip + AdamW,\n"
+            "a device sync after each part) and prints tokens/s, TFLOP/s and MFU against the dense bf16 peak of\n"
+            "the part (datasheet table; --peak-tflops overrides), then prefill and decode on latent caches in\n"
+            "device memory at batch 1 (against the bound: memory bandwidth / fp32 bytes of the weights a token\n"
+            "reads) and batch B (default 32), and the peak device memory. --mm fast uses cuBLAS (the fast path);\n"
+            "--precision bf16 rounds the fast GEMMs' inputs to bf16 (fp32 accumulation). Presets: tiny (the\n"
+            "quickstart model), 100m, 1b (1.05B total, 0.24B active).\n");
 }
 
 static void usage_bench(FILE *f) {
@@ -643,7 +846,8 @@ static int bench_model(int argc, char **argv) {
         return 0;
     }
     const char *cfg_path = NULL, *preset = NULL, *mm_s = "det", *mmb_s = "blas", *script = NULL, *v;
-    int T = 512, threads = omp_get_num_procs(), steps = 3, torch = 0, seed = 0;
+    const char *device = "cpu", *precision = "fp32", *peak_s = NULL;
+    int T = 512, threads = omp_get_num_procs(), steps = 3, torch = 0, seed = 0, dec_batch = 32;
     for (int i = 1; i < argc; i++) {
         int bad = 0;
         const char *opt_name = argv[i];
@@ -656,6 +860,10 @@ static int bench_model(int argc, char **argv) {
         else if ((v = opt_value(argc, argv, &i, "--mm"))) mm_s = v;
         else if ((v = opt_value(argc, argv, &i, "--mm-bwd"))) mmb_s = v;
         else if ((v = opt_value(argc, argv, &i, "--torch-script"))) script = v;
+        else if ((v = opt_value(argc, argv, &i, "--device"))) device = v;
+        else if ((v = opt_value(argc, argv, &i, "--precision"))) precision = v;
+        else if ((v = opt_value(argc, argv, &i, "--peak-tflops"))) peak_s = v;
+        else if ((v = opt_value(argc, argv, &i, "--decode-batch"))) bad = parse_int(v, 1, 256, &dec_batch);
         else if (!strcmp(argv[i], "--torch")) torch = 1;
         else {
             fprintf(stderr, "moerl bench model: unexpected argument '%s' (see --help)\n", argv[i]);
@@ -675,9 +883,18 @@ static int bench_model(int argc, char **argv) {
         fprintf(stderr, "moerl bench model: --config needs a file\n");
         return 2;
     }
-    if (preset && strcmp(preset, "tiny") != 0 && strcmp(preset, "100m") != 0) {
-        fprintf(stderr, "moerl bench model: --preset: expected tiny or 100m, got \"%s\"\n", preset);
+    if (preset && strcmp(preset, "tiny") != 0 && strcmp(preset, "100m") != 0 && strcmp(preset, "1b") != 0) {
+        fprintf(stderr, "moerl bench model: --preset: expected tiny, 100m or 1b, got \"%s\"\n", preset);
         return 2;
+    }
+    double peak_tflops = 0;
+    if (peak_s) {
+        char *end;
+        peak_tflops = strtod(peak_s, &end);
+        if (*end || !(peak_tflops > 0)) {
+            fprintf(stderr, "moerl bench model: --peak-tflops: expected a positive number, got \"%s\"\n", peak_s);
+            return 2;
+        }
     }
     mm_mode mm;
     if (!strcmp(mm_s, "det")) mm = MM_DET;
@@ -705,6 +922,7 @@ static int bench_model(int argc, char **argv) {
         }
     } else {
         if (preset && !strcmp(preset, "100m")) bench_config_100m(&c);
+        else if (preset && !strcmp(preset, "1b")) bench_config_1b(&c);
         else config_tiny(&c);
         if (config_validate(&c, cfg_name, &e)) {
             fprintf(stderr, "moerl bench model: preset %s: %s\n", cfg_name, e.msg);
@@ -729,6 +947,18 @@ static int bench_model(int argc, char **argv) {
 
     omp_set_num_threads(threads);
     openblas_set_num_threads(threads);
+    if (strcmp(device, "cpu") != 0) {
+        if (torch) {
+            fprintf(stderr, "moerl bench model: --torch compares on the CPU; drop it with --device %s\n", device);
+            return 2;
+        }
+        return bench_device(&c, cfg_name, device, precision, T, steps, seed, mm, mm_bwd, peak_tflops, dec_batch);
+    }
+    if (strcmp(precision, "fp32") != 0) {
+        fprintf(stderr, "moerl bench model: --precision %s needs --device cuda (the CPU computes in fp32)\n",
+                precision);
+        return 2;
+    }
     const float alpha = (float)c.aux_loss_alpha;
 
     int rc = 1;

@@ -21,6 +21,15 @@ extern "C" {
  * the device code path checked without a device. */
 typedef enum { BACKEND_CPU = 0, BACKEND_CUDA = 1, BACKEND_GUARDED = 2 } backend_kind;
 
+/* What a benchmark divides by: the device's name and its datasheet peaks (0 where unknown). */
+typedef struct backend_device_info {
+    char name[128];
+    double peak_bf16_flops; /* dense bf16 tensor-core FLOP/s (datasheet figure for the named part; 0 = unknown) */
+    double peak_fp32_flops; /* non-tensor fp32: SMs x 128 FMA lanes x 2 x the boost clock */
+    double mem_bw;          /* bytes/s: memory clock x 2 (DDR) x bus width / 8 */
+    size_t mem_total;       /* bytes */
+} backend_device_info;
+
 typedef struct backend {
     backend_kind kind;
     const char *name;
@@ -100,6 +109,8 @@ typedef struct backend {
     /* Device memory now in use and the most in use since the process began (bytes); NULL for the CPU (host memory:
      * the run's peak RSS covers it). */
     void (*mem_stats)(size_t *in_use, size_t *peak);
+    /* The device and its peaks (benchmarks); NULL for the CPU backends. */
+    int (*device_info)(backend_device_info *out, mr_err *e);
 } backend;
 
 /* 1 when b's memory is host memory that any code may read (the CPU backend). */

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "core/rng.h"
 #include "kernels/backend.h"
@@ -35,6 +36,40 @@ static size_t mem_used(void) {
 static void cuda_mem_stats(size_t *in_use, size_t *peak) {
     *in_use = mem_used();
     *peak = mem_peak;
+}
+
+// Dense bf16 tensor-core peaks of the datasheets (FLOP/s, without sparsity), matched on the device name.
+static double bf16_peak(const char *name) {
+    static const struct {
+        const char *key, *also;
+        double tflops;
+    } parts[] = {
+        {"H100", "PCIe", 756.5}, {"H100", "NVL", 835.0}, {"H100", NULL, 989.4}, {"H200", NULL, 989.4},
+        {"H800", NULL, 989.4},   {"GH200", NULL, 989.4}, {"A100", NULL, 312.0}, {"A800", NULL, 312.0},
+        {"L40S", NULL, 362.1},   {"L4", NULL, 121.0},    {"B200", NULL, 2250.0}, {"A10", NULL, 125.0},
+    };
+    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
+        if (strstr(name, parts[i].key) && (!parts[i].also || strstr(name, parts[i].also)))
+            return parts[i].tflops * 1e12;
+    return 0.0;
+}
+
+static int cuda_device_info(backend_device_info *out, mr_err *e) {
+    int dev = 0, sms = 0, clk = 0, mclk = 0, bus = 0;
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDevice(&dev), e);
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, dev), e);
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), e);
+    CUDA_CHECK(cudaDeviceGetAttribute(&clk, cudaDevAttrClockRate, dev), e);
+    CUDA_CHECK(cudaDeviceGetAttribute(&mclk, cudaDevAttrMemoryClockRate, dev), e);
+    CUDA_CHECK(cudaDeviceGetAttribute(&bus, cudaDevAttrGlobalMemoryBusWidth, dev), e);
+    memset(out, 0, sizeof *out);
+    snprintf(out->name, sizeof out->name, "%.90s (sm_%d%d, %d SMs)", prop.name, prop.major, prop.minor, sms);
+    out->peak_bf16_flops = bf16_peak(prop.name);
+    out->peak_fp32_flops = (double)sms * 128 * 2 * clk * 1e3;
+    out->mem_bw = (double)mclk * 1e3 * 2 * bus / 8;
+    out->mem_total = prop.totalGlobalMem;
+    return MR_OK;
 }
 
 static void *cuda_alloc(size_t n) {
@@ -184,6 +219,7 @@ static backend make_cuda_backend() {
     b.det_absorbed = 0;
     b.set_gemm_bf16 = dense_cuda_set_bf16;
     b.mem_stats = cuda_mem_stats;
+    b.device_info = cuda_device_info;
     return b;
 }
 static const backend cuda_backend = make_cuda_backend();
