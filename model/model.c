@@ -411,6 +411,7 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
         moe_params mp = layer_moe_params(m, l);
         float *tmp = m->scratch;
         const int32_t *replay = b->replay ? m->dev.replay[l] : NULL;
+        a->moe.infer = cache != NULL; /* a decode step: no backward, its loads unread (a device skips the dispatch) */
         int rc = BE->moe_forward(tmp, &a->moe, &m->moe_work, a->f, replay, &mp, &m->moe, T, e);
         if (rc) return err_prefix(e, "layer %d", l);
         if ((rc = BE->axpy(y, tmp, 1.0f, (size_t)T * d, e))) return err_prefix(e, "layer %d", l);
@@ -830,7 +831,7 @@ const float *model_mtp_logits(model *m, int k) {
 }
 const int64_t *model_layer_load(const model *m, int l) {
     if (l >= m->p.cfg.num_hidden_layers + m->mtp_ran) return NULL; /* an MTP layer the latest forward skipped */
-    return m->acts[l].is_moe ? m->acts[l].moe.load : NULL;
+    return m->acts[l].is_moe && !m->acts[l].moe.no_dispatch ? m->acts[l].moe.load : NULL;
 }
 const int32_t *model_layer_experts(model *m, int l) {
     if (!m->acts[l].is_moe) return NULL;

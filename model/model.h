@@ -188,7 +188,8 @@ int model_bias_update(model *m, int l, const int64_t *load, float gamma, mr_err 
 int model_add_logits_grad(model *m, const float *g, mr_err *e);
 
 /* Expert loads (E) of layer l (main layers, then MTP layers) from the latest forward; NULL for a dense layer
- * and for an MTP layer the latest forward did not run (skip_mtp, MTP weight 0, decode). */
+ * and for an MTP layer the latest forward did not run (skip_mtp, MTP weight 0, decode); NULL too after a decode
+ * step on CUDA, which runs the experts without counting them (moe_saved.infer). */
 const int64_t *model_layer_load(const model *m, int l);
 
 #endif

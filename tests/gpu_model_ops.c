@@ -257,6 +257,7 @@ typedef struct moe_opts {
     int replay;       /* also run with a replayed routing (the CPU's, slots reversed) */
     int with_daff;    /* pass a balance-loss gradient to the backward */
     int no_down_grad; /* moe_grads.down_proj = NULL */
+    int infer;        /* also run for inference (moe_saved.infer: the experts straight from the routing) */
 } moe_opts;
 
 static void moe_case(moe_cfg c, int T, int with_bias, moe_opts o) {
@@ -378,6 +379,31 @@ static void moe_case(moe_cfg c, int T, int with_bias, moe_opts o) {
         gpu->free(drep);
     }
 
+    if (o.infer) { /* inference: no dispatch in MM_DET or for few pairs, the same output; backward refuses */
+        cr_assert_eq(moe_forward(outc, &sc, &wc, x, NULL, &hv.p, &c, T, &e), MR_OK, "%s", e.msg);
+        sg.infer = 1;
+        poison(dout_, nx);
+        poison(sg.idx, TK);
+        cr_assert_eq(gpu->moe_forward(dout_, &sg, &wg, dx_, NULL, &dvw.p, &c, T, &e), MR_OK, "%s", e.msg);
+        const int direct = c.mm == MM_DET || TK <= 256;
+        cr_assert_eq(sg.no_dispatch, direct, "inference %s: no_dispatch %d", tag, sg.no_dispatch);
+        float *ho3 = dget(dout_, nx);
+        int32_t *hi3 = dget_bytes(sg.idx, sizeof(int32_t) * TK);
+        cr_assert_eq(memcmp(hi3, sc.idx, sizeof(int32_t) * TK), 0, "inference routing %s", tag);
+        snprintf(what, sizeof what, "moe_forward inference out %s", tag);
+        check_close(what, ho3, outc, nx, TOL_F32);
+        if (direct) {
+            mr_err es = {0};
+            gpu->moe_backward(ddx, &dvw.gr, &wg, ddout, NULL, &sg, dx_, &dvw.p, &c);
+            cr_assert_neq(gpu->sync(&es), MR_OK, "backward after an inference forward is refused");
+            cr_assert(strstr(es.msg, "inference"), "%s", es.msg);
+        }
+        sg.infer = 0;
+        cr_assert_eq(gpu->moe_forward(dout_, &sg, &wg, dx_, NULL, &dvw.p, &c, T, &e), MR_OK, "%s", e.msg);
+        cr_assert_eq(sg.no_dispatch, 0);
+        free(ho3), free(hi3);
+    }
+
     moe_saved_free(&sc), moe_work_free(&wc), moe_saved_free(&sg), moe_work_free(&wg);
     free(P), free(x), free(dout), free(G0), free(dx0), free(daff), free(Gc), free(dxc), free(outc);
     free(ho), free(hs), free(hw), free(hi), free(hor), free(hpos), free(hdx), free(hG);
@@ -393,14 +419,16 @@ static moe_cfg cfg(int d, int E, int K, int G, int Gt, int Ie, int Is, moe_score
 
 Test(gpu_model_ops, moe_v3_sigmoid_noaux_tc) {
     moe_cfg c = cfg(64, 16, 4, 4, 2, 32, 64, MOE_SCORE_SIGMOID, MOE_TOPK_NOAUX_TC, true, 2.5f, MM_FAST);
-    moe_case(c, 101, 1, (moe_opts){.replay = 1, .with_daff = 1}); /* T·K > 256: the dispatch ranks in 2 chunks */
+    moe_case(c, 101, 1, (moe_opts){.replay = 1, .with_daff = 1, .infer = 1}); /* T·K > 256: the dispatch ranks in
+                                                                                 2 chunks; inference dispatches */
+    moe_case(c, 16, 1, (moe_opts){.infer = 1}); /* a decode batch: inference runs the experts directly */
     c.mm = c.mm_bwd = MM_DET;
-    moe_case(c, 37, 1, (moe_opts){.with_daff = 0});
+    moe_case(c, 37, 1, (moe_opts){.with_daff = 0, .infer = 1});
 }
 
 Test(gpu_model_ops, moe_ties_lower_index_wins) { /* MM_DET: the tied logits are equal bits on both backends */
     moe_cfg c = cfg(48, 16, 4, 4, 2, 24, 0, MOE_SCORE_SIGMOID, MOE_TOPK_NOAUX_TC, true, 1.0f, MM_DET);
-    moe_case(c, 41, 1, (moe_opts){.ties = 1, .with_daff = 1});
+    moe_case(c, 41, 1, (moe_opts){.ties = 1, .with_daff = 1, .infer = 1});
     c = cfg(48, 16, 3, 4, 2, 24, 0, MOE_SCORE_SOFTMAX, MOE_TOPK_GROUP_LIMITED_GREEDY, false, 1.0f, MM_DET);
     moe_case(c, 41, 0, (moe_opts){.ties = 1});
 }
@@ -414,8 +442,9 @@ Test(gpu_model_ops, moe_v2_softmax) {
 
 Test(gpu_model_ops, moe_empty_experts_and_one_token) {
     moe_cfg c = cfg(32, 32, 2, 8, 3, 16, 16, MOE_SCORE_SIGMOID, MOE_TOPK_NOAUX_TC, true, 2.5f, MM_FAST);
-    moe_case(c, 3, 1, (moe_opts){.with_daff = 1}); /* most experts get no token: their gradients stay as they were */
-    moe_case(c, 1, 1, (moe_opts){.replay = 1});
+    moe_case(c, 3, 1, (moe_opts){.with_daff = 1, .infer = 1}); /* most experts get no token: their gradients stay
+                                                                    as they were */
+    moe_case(c, 1, 1, (moe_opts){.replay = 1, .infer = 1});
 }
 
 Test(gpu_model_ops, moe_refuses_host_buffers) {

@@ -98,6 +98,11 @@ typedef struct moe_saved {
     float *sg;         /* (T, I_s) shared gate_proj outputs */
     float *su;         /* (T, I_s) shared up_proj outputs */
     void *mem_f, *mem_i; /* the two allocations everything points into */
+    /* Set by the caller before a forward that will not be differentiated and whose loads are not read (a decode
+     * step): a device backend may then run the experts straight from the routing, without the dispatch that brings
+     * expert offsets back to the host (kernels/cuda/moe_cuda.h); the CPU ignores it. no_dispatch is set by such a
+     * backend when it did so: off, order, pos, load and the sorted rows are then stale and backward refuses. */
+    int infer, no_dispatch;
     /* Set by another backend's init (kernels/cuda/moe_cuda.h: device buffers; there off and load stay in host
      * memory, mem_h): moe_saved_free calls it instead of freeing mem_f and mem_i itself. NULL on the CPU. */
     void *mem_h;

@@ -381,6 +381,68 @@ __global__ static void combine_kernel(float *out, const float *rows, const int32
     }
 }
 
+// ---- Inference (moe_saved.infer): the experts straight from the routing, no dispatch, no host round trip ----
+// Expert e's gate/up/down weights are base + e·stride (the model's layout); rows of one dot product are summed
+// by each lane over inputs lane, lane + 32, ... (fma), then the 32 lane sums by a fixed butterfly: deterministic,
+// and a row's result does not depend on the other rows of the step.
+#define DIRECT_WARPS 4
+#define MOE_DIRECT_MAX_PAIRS 256 // MM_FAST inference with more pairs than this dispatches (grouped GEMMs win)
+
+__device__ static float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// hs[p][j] = g[p] · silu(x_t · Wg[e][j]) · (x_t · Wu[e][j]) for pair p = t·K + k, e = idx[p]; one warp per row j.
+__global__ static void __launch_bounds__(DIRECT_WARPS * 32)
+    direct_up_kernel(float *hs, const float *x, const float *wg, const float *wu, size_t stride,
+                     const int32_t *idx, const float *weights, int K, int d, int Ie) {
+    const int p = blockIdx.x, lane = threadIdx.x % 32;
+    const float *xt = x + (size_t)(p / K) * d;
+    const size_t e = (size_t)idx[p];
+    for (int j = blockIdx.y * DIRECT_WARPS + threadIdx.x / 32; j < Ie; j += gridDim.y * DIRECT_WARPS) {
+        const float *G = wg + e * stride + (size_t)j * d, *U = wu + e * stride + (size_t)j * d;
+        float sg = 0.0f, su = 0.0f;
+        for (int i = lane; i < d; i += 32) {
+            sg = fmaf(xt[i], G[i], sg);
+            su = fmaf(xt[i], U[i], su);
+        }
+        sg = warp_sum(sg);
+        su = warp_sum(su);
+        if (lane == 0) {
+            const float a = __fdiv_rn(sg, __fadd_rn(1.0f, expf(-sg)));
+            hs[(size_t)p * Ie + j] = __fmul_rn(weights[p], __fmul_rn(a, su));
+        }
+    }
+}
+
+// out[t][i] = Σ_k Wd[e_k][i] · hs[t·K + k], slots in order; one warp per (t, i).
+__global__ static void direct_down_kernel(float *out, const float *hs, const float *wd, size_t stride,
+                                          const int32_t *idx, int T, int K, int d, int Ie) {
+    const int lane = threadIdx.x % 32;
+    const size_t n_warps = (size_t)gridDim.x * blockDim.x / 32;
+    for (size_t w = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; w < (size_t)T * d; w += n_warps) {
+        const size_t t = w / d, i = w % d; // the loop bounds are the same for the 32 lanes of a warp
+        float acc = 0.0f;
+        for (int k = 0; k < K; k++) {
+            const size_t p = t * K + k;
+            const float *D = wd + (size_t)idx[p] * stride + i * Ie, *h = hs + p * Ie;
+            float s = 0.0f;
+            for (int j = lane; j < Ie; j += 32) s = fmaf(D[j], h[j], s);
+            s = warp_sum(s);
+            acc = k ? __fadd_rn(acc, s) : s;
+        }
+        if (lane == 0) out[w] = acc;
+    }
+}
+
+// base with E experts at base + e·stride, or NULL.
+static const float *strided(const float *const *ptr, int E, size_t stride) {
+    for (int e = 1; e < E; e++)
+        if (ptr[e] != ptr[0] + (size_t)e * stride) return NULL;
+    return ptr[0];
+}
+
 // One warp per sorted row r: dweights[order[r]] = ⟨dh[r], h[r]⟩, then dh[r] *= weights[order[r]].
 __global__ static void dweights_kernel(float *dweights, float *dh, const float *h, const float *weights,
                                        const int32_t *order, long TK, int I) {
@@ -465,6 +527,22 @@ extern "C" int cuda_moe_forward(float *out, moe_saved *s, moe_work *w, const flo
     route_kernel<<<(unsigned)((T + 127) / 128), 128>>>(s->idx, s->weights, s->scores, p->gate_bias, replay_idx, *c,
                                                        T);
     LAUNCH_RET("moe route", e);
+    s->no_dispatch = 0;
+    const size_t st = (size_t)Ie * d;
+    const float *bg = strided(p->gate_proj, E, st), *bu = strided(p->up_proj, E, st);
+    const float *bd = strided(p->down_proj, E, st);
+    // Inference: in MM_DET always (a row's bits must not depend on the batch), else for few pairs (a decode step)
+    if (s->infer && bg && bu && bd && (c->mm == MM_DET || TK <= MOE_DIRECT_MAX_PAIRS)) {
+        s->T = T;
+        s->no_dispatch = 1;
+        const unsigned ych = (unsigned)((Ie + DIRECT_WARPS - 1) / DIRECT_WARPS < 65535 ? (Ie + DIRECT_WARPS - 1) / DIRECT_WARPS : 65535);
+        direct_up_kernel<<<dim3((unsigned)TK, ych), DIRECT_WARPS * 32>>>(w->hs, x, bg, bu, st, s->idx, s->weights, K, d,
+                                                                          Ie);
+        LAUNCH_RET("moe direct up", e);
+        direct_down_kernel<<<grid_for((size_t)T * d * 32, 256), 256>>>(out, w->hs, bd, st, s->idx, T, K, d, Ie);
+        LAUNCH_RET("moe direct down", e);
+        goto shared;
+    }
     if ((rc = dispatch(s, T, K, E, e))) return rc;
     s->T = T;
 
@@ -488,6 +566,7 @@ extern "C" int cuda_moe_forward(float *out, moe_saved *s, moe_work *w, const flo
     }
     combine_kernel<<<grid_for((size_t)T * d, 256), 256>>>(out, w->rows_d, s->pos, T, K, d, 0);
     LAUNCH_RET("moe combine", e);
+shared:
     if (Is > 0) { // shared experts: a dense SwiGLU MLP on every token, added to the routed sum
         cuda_matmul_forward(s->sg, x, p->sh_gate, T, d, Is, 0.0f, c->mm);
         cuda_matmul_forward(s->su, x, p->sh_up, T, d, Is, 0.0f, c->mm);
@@ -509,6 +588,10 @@ extern "C" void cuda_moe_backward(float *dx, const moe_grads *g, moe_work *w, co
     if (!built_here(s, w)) {
         NOTE("moe_backward (cuda)", "moe_saved and moe_work must come from backend_moe_saved_init / "
                                     "backend_moe_work_init with the cuda backend");
+        return;
+    }
+    if (s->no_dispatch) {
+        NOTE("moe_backward (cuda)", "the latest forward ran for inference (moe_saved.infer): nothing was saved");
         return;
     }
     const int T = s->T, E = c->E, d = c->d, K = c->K, Ie = c->I_e, Is = c->I_s;
