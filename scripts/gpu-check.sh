@@ -2,7 +2,8 @@
 # gpu-check.sh: on a GPU machine, from the repository root, with .gpu/bundle.tar.xz made by scripts/gpu-bundle.sh:
 # unpack it, find the machine's cuBLAS, cuBLASLt and NCCL, then run every gpu test and the GPU benchmarks, each
 # under a time limit, logging to $OUT (default .gpu/out): summary.txt, one log per test, bench.txt.
-# Arguments: the parts to run, default "tests bench" (bench-1b adds the ~1B-total preset).
+# Arguments: the parts to run, default "tests bench" (bench-1b adds the ~1B-total preset). With the device tool:
+# run(command="bash scripts/gpu-check.sh", carry=[".gpu"]) (.gpu is ignored by git, so it travels only when carried).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 O=${OUT:-.gpu/out}
