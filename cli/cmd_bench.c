@@ -672,8 +672,11 @@ static int bench_device(const model_config *c, const char *cfg_name, const char 
     printf("\ndecode (latent KV caches in device memory; %d-token prompts, %d steps, no sampling):\n", prompt, new_tok);
     const double read_per_tok = 4.0 * ((double)pc.activated - (double)c->vocab_size * c->hidden_size);
     int batches[2] = {1, B};
-    for (int bi = 0; bi < (B > 1 ? 2 : 1); bi++) {
-        const int nb = batches[bi];
+    for (int run = 0; run < (B > 1 ? 4 : 2); run++) {
+        const int nb = batches[run / 2];
+        if (!be->graph_run && run % 2 == 0) continue; /* no graphs on this backend: one run per batch */
+        m.opt.no_graphs = run % 2; /* CUDA graphs replaying the step, then the same launches one by one */
+        const int64_t g0 = m.graph_steps;
         for (int b = 0; b < nb; b++) {
             kv[b] = (model_kv){.ckv = kvmem[b], .kpe = kvmem[b] + fc, .cap = prompt + new_tok + 1};
             kvp[b] = &kv[b];
@@ -689,8 +692,11 @@ static int bench_device(const model_config *c, const char *cfg_name, const char 
         }
         if (be->sync(&e)) goto fail;
         double t2 = now_s(), dec = (t2 - t1) / (new_tok - 1);
-        printf("  batch %3d: prefill %10.0f tok/s   decode %10.0f tok/s  (%.3f ms a step)", nb, nb * prompt / (t1 - t0),
+        printf("  batch %3d, %s: prefill %10.0f tok/s   decode %10.0f tok/s  (%.3f ms a step)", nb,
+               m.opt.no_graphs ? "direct launches" : "CUDA graphs    ", nb * prompt / (t1 - t0),
                nb / dec, dec * 1e3);
+        if (!m.opt.no_graphs && be->graph_run)
+            printf(" [%lld of %d steps replayed]", (long long)(m.graph_steps - g0), new_tok);
         if (nb == 1 && di.mem_bw > 0)
             printf("  = %.1f%% of the bound %.0f tok/s", 100.0 * (1.0 / dec) / (di.mem_bw / read_per_tok),
                    di.mem_bw / read_per_tok);

@@ -21,6 +21,13 @@ extern "C" {
  * the device code path checked without a device. */
 typedef enum { BACKEND_CPU = 0, BACKEND_CUDA = 1, BACKEND_GUARDED = 2 } backend_kind;
 
+/* One row of a decode step on a latent KV cache (model.h model_kv), in the backend's memory: the cache's latent and
+ * RoPE-key arrays (layer-major: layer l starts at l·cap rows), its capacity, and the slot this row's token takes. */
+typedef struct kv_row {
+    float *ckv, *kpe;
+    int32_t cap, at;
+} kv_row;
+
 /* What a benchmark divides by: the device's name and its datasheet peaks (0 where unknown). */
 typedef struct backend_device_info {
     char name[128];
@@ -99,6 +106,14 @@ typedef struct backend {
     int (*mla_absorbed)(float *out, float *lse, const float *q, const float *const *c_kv, const float *const *k_rope,
                         const int32_t *len, const float *w_kvb, int B, int H, int d_nope, int d_rope, int d_v,
                         int r_kv, float scale, mr_err *e);
+    /* The decode step's attention with its per-row arguments in the backend's memory (rows: T kv_row), so that a
+     * step's launches do not depend on the step (CUDA graphs): kv_append writes row t's normed latent cn[t] (r_kv)
+     * and rotated key kpe[t] (d_rope) into cache layer `layer` at slot at; mla_rows is mla_absorbed of row t over
+     * slots 0..at of that layer. max_cap >= every row's cap (sizes device scratch; the same for every step of a
+     * rollout). */
+    void (*kv_append)(const kv_row *rows, int layer, const float *cn, const float *kpe, int T, int r_kv, int d_rope);
+    int (*mla_rows)(float *out, float *lse, const float *q, const kv_row *rows, int layer, const float *w_kvb, int B,
+                    int H, int d_nope, int d_rope, int d_v, int r_kv, float scale, int max_cap, mr_err *e);
     /* 1: in MM_DET the training forward computes attention with mla_absorbed, so a decode step's logits equal the
      * trainer's bit for bit (model.h); 0: flash attention in training. */
     int det_absorbed;
@@ -109,6 +124,14 @@ typedef struct backend {
     /* Device memory now in use and the most in use since the process began (bytes); NULL for the CPU (host memory:
      * the run's peak RSS covers it). */
     void (*mem_stats)(size_t *in_use, size_t *peak);
+    /* Replayable launch sequences (CUDA graphs; NULL elsewhere). *g is the caller's handle (NULL the first time);
+     * body(ctx) issues ops. The first call runs body; the second captures it into a graph and launches that; later
+     * calls launch the graph without calling body, so body must issue the same launches every time (sizes and
+     * pointers fixed, per-step values read from device memory) and change no host state that matters. A body that
+     * cannot be captured (it synchronizes) runs directly from then on. *replayed (may be NULL): 1 when the graph
+     * ran. graph_free releases a handle (NULL is fine). */
+    int (*graph_run)(void **g, int (*body)(void *ctx, mr_err *e), void *ctx, int *replayed, mr_err *e);
+    void (*graph_free)(void *g);
     /* The device and its peaks (benchmarks); NULL for the CPU backends. */
     int (*device_info)(backend_device_info *out, mr_err *e);
 } backend;

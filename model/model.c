@@ -136,6 +136,13 @@ void model_free(model *m) {
         m->be->free(m->st_i);
         m->be->free(m->st_f);
         if (m->gtmp) m->be->free(m->gtmp);
+        if (m->dec_rows != m->dec_rows_h) m->be->free(m->dec_rows);
+    }
+    mem_free(m->dec_rows_h);
+    if (m->dec_graphs) {
+        for (int b = 0; b <= m->T_max; b++)
+            if (m->dec_graphs[b]) m->be->graph_free(m->dec_graphs[b]);
+        mem_free(m->dec_graphs);
     }
     mem_free(m->dev.replay);
     mem_free(m->logits_h);
@@ -197,15 +204,19 @@ int model_init(model *m, model_params *p, const model_opts *opt, int T_max, mr_e
     m->kv_ptr = mem_alloc(2 * (size_t)T_max * sizeof *m->kv_ptr);
     m->kv_len = mem_alloc((size_t)T_max * sizeof *m->kv_len);
     m->dec_pos = mem_alloc((size_t)T_max * sizeof *m->dec_pos);
+    m->dec_rows_h = mem_alloc((size_t)T_max * sizeof *m->dec_rows_h);
     m->dev.replay = mem_calloc((size_t)m->p.n_layers, sizeof *m->dev.replay);
-    if (!m->acts || !m->mtp || !m->tgt_k || !m->seq_len || !m->kv_ptr || !m->kv_len || !m->dec_pos || !m->dev.replay)
+    if (!m->acts || !m->mtp || !m->tgt_k || !m->seq_len || !m->kv_ptr || !m->kv_len || !m->dec_pos ||
+        !m->dec_rows_h || !m->dev.replay)
         goto nomem;
+    m->dec_rows = m->dec_rows_h;
     if ((rc = params_to_backend(&m->p, m->be, e))) goto fail;
     if (!backend_is_host(m->be)) {
         const size_t K = (size_t)(c->n_routed_experts > 0 ? c->num_experts_per_tok : 0);
         m->st_i = BE->alloc(((size_t)ST_N + (size_t)m->p.n_layers * K) * (size_t)T_max * sizeof(int32_t));
         m->st_f = BE->alloc((size_t)T_max * sizeof(float));
-        if (!m->st_i || !m->st_f) goto nomem;
+        m->dec_rows = BE->alloc((size_t)T_max * sizeof *m->dec_rows);
+        if (!m->st_i || !m->st_f || !m->dec_rows) goto nomem;
     }
     if (c->n_routed_experts > 0) {
         m->moe = (moe_cfg){
@@ -369,31 +380,28 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
     if (cache || absorbed_attention(m)) {
         /* §5.6 absorbed form, one "sequence" per row: a decode row reads its cache (after appending its own entry),
          * a training row its document's rows doc_start[t]..t of this batch. Identical arithmetic either way. */
-        const float **pc = m->kv_ptr, **pk = m->kv_ptr + T;
-        for (int t = 0; t < T; t++) {
-            if (cache) {
-                model_kv *s = cache[t];
-                /* an MTP module's cache holds its one layer only */
-                const size_t lc = (size_t)(l < c->num_hidden_layers ? l : l - c->num_hidden_layers);
-                const size_t at = (size_t)s->len + (size_t)(m->dec_off ? m->dec_off[t] : 0);
-                float *ck = s->ckv + (lc * s->cap) * rkv, *kp = s->kpe + (lc * s->cap) * dr;
-                copy_f(m, ck + at * rkv, a->cn + (size_t)t * rkv, (size_t)rkv);
-                copy_f(m, kp + at * dr, a->kpe + (size_t)t * dr, (size_t)dr);
-                pc[t] = ck;
-                pk[t] = kp;
-                m->kv_len[t] = (int32_t)at + 1;
-            } else {
+        int rc;
+        if (cache) { /* the step's rows (m->dec_rows, staged by stage_rows): append, then attend */
+            if (!BE->kv_append || !BE->mla_rows)
+                return err_set(e, MR_EDEVICE,
+                               "model: attention over the latent KV cache is not implemented on backend '%s'",
+                               m->be->name);
+            /* an MTP module's cache holds its one layer only */
+            const int lc = l < c->num_hidden_layers ? l : l - c->num_hidden_layers;
+            BE->kv_append(m->dec_rows, lc, a->cn, a->kpe, T, rkv, dr);
+            rc = BE->mla_rows(a->att, a->lse, a->q, m->dec_rows, lc, w->attn.kv_b, T, H, dn, dr, dv, rkv, m->scale,
+                              m->dec_cap, e);
+        } else {
+            const float **pc = m->kv_ptr, **pk = m->kv_ptr + T;
+            for (int t = 0; t < T; t++) {
                 int s0 = b->doc_start ? b->doc_start[t] : 0;
                 pc[t] = a->cn + (size_t)s0 * rkv;
                 pk[t] = a->kpe + (size_t)s0 * dr;
                 m->kv_len[t] = t - s0 + 1;
             }
-        }
-        if (!BE->mla_absorbed)
-            return err_set(e, MR_EDEVICE, "model: attention over the latent KV cache is not implemented on backend '%s'",
-                           m->be->name);
-        int rc = BE->mla_absorbed(a->att, a->lse, a->q, pc, pk, m->kv_len, w->attn.kv_b, T, H, dn, dr, dv, rkv,
+            rc = BE->mla_absorbed(a->att, a->lse, a->q, pc, pk, m->kv_len, w->attn.kv_b, T, H, dn, dr, dv, rkv,
                                   m->scale, e);
+        }
         if (rc) return err_prefix(e, "layer %d attention", l);
     } else if (c->moerl_swa_window > 0) {
         int rc = BE->attention_swa_forward(a->att, a->lse, a->q, a->k, a->v, m->dev.doc_start, T, H, dqk, dv, m->scale,
@@ -990,6 +998,14 @@ static int decode_positions(model *m, const int32_t *ids, model_kv *const *kv, c
                            kv[i]->len + o, c->max_position_embeddings);
         m->dec_pos[i] = kv[i]->len + o;
     }
+    /* the rows' caches and slots, where the attention ops read them */
+    m->dec_cap = 0;
+    for (int i = 0; i < B; i++) {
+        m->dec_rows_h[i] = (kv_row){.ckv = kv[i]->ckv, .kpe = kv[i]->kpe, .cap = kv[i]->cap, .at = m->dec_pos[i]};
+        if (kv[i]->cap > m->dec_cap) m->dec_cap = kv[i]->cap;
+    }
+    if (m->dec_rows != m->dec_rows_h && BE->to_device(m->dec_rows, m->dec_rows_h, sizeof(kv_row) * (size_t)B, e))
+        return err_prefix(e, "model: copying the decode rows to the device");
     return MR_OK;
 }
 
@@ -1003,9 +1019,32 @@ int model_decode_step(model *m, const int32_t *ids, model_kv *const *kv, int B, 
     return model_decode_rows(m, ids, kv, NULL, B, e);
 }
 
-int model_decode_rows(model *m, const int32_t *ids, model_kv *const *kv, const int32_t *off, int B, mr_err *e) {
+/* The device part of a main decode step whose rows are staged (m->dev, m->dec_rows): the same launches for every
+ * step of B rows, so a backend with graph_run replays them as one CUDA graph. */
+typedef struct decode_ctx {
+    model *m;
+    model_kv *const *kv;
+    int B;
+} decode_ctx;
+
+static int decode_body(void *p, mr_err *e) {
+    const decode_ctx *x = p;
+    model *m = x->m;
     const model_config *c = &m->p.cfg;
-    const int d = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
+    const int d = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers, B = x->B;
+    const model_batch b = {.T = B, .skip_mtp = 1};
+    int rc = 0;
+    BE->embedding_forward(m->resid, m->dev.ids, m->p.w.embed, B, d);
+    for (int l = 0; l < L && !rc; l++)
+        rc = block_forward(m, l, m->resid + (size_t)(l + 1) * B * d, m->resid + (size_t)l * B * d, &b, B, x->kv, e);
+    if (rc) return rc;
+    BE->rmsnorm_forward(m->hfin, m->rstd_fin, m->resid + (size_t)L * B * d, m->p.w.final_norm, B, d,
+                        (float)c->rms_norm_eps);
+    BE->matmul_forward(m->logits, m->hfin, m->p.w.head, B, d, V, 0, m->opt.mm);
+    return MR_OK;
+}
+
+int model_decode_rows(model *m, const int32_t *ids, model_kv *const *kv, const int32_t *off, int B, mr_err *e) {
     int rc = decode_positions(m, ids, kv, off, B, e);
     if (rc) return rc;
     m->T = B;
@@ -1014,16 +1053,25 @@ int model_decode_rows(model *m, const int32_t *ids, model_kv *const *kv, const i
     m->mtp_ran = 0;
     model_batch b = {.ids = ids, .pos = m->dec_pos, .T = B, .skip_mtp = 1};
     if ((rc = stage_batch(m, &b, m->dec_pos, e))) return rc;
-    BE->embedding_forward(m->resid, m->dev.ids, m->p.w.embed, B, d);
-    m->dec_off = off;
-    for (int l = 0; l < L && !rc; l++)
-        rc = block_forward(m, l, m->resid + (size_t)(l + 1) * B * d, m->resid + (size_t)l * B * d, &b, B, kv, e);
-    m->dec_off = NULL;
+    decode_ctx x = {m, kv, B};
+    if (BE->graph_run && !m->opt.no_graphs) {
+        if (m->dec_graphs && m->graph_cap != m->dec_cap) /* the attention's scratch is sized by the capacity */
+            for (int i = 0; i <= m->T_max; i++) {
+                BE->graph_free(m->dec_graphs[i]);
+                m->dec_graphs[i] = NULL;
+            }
+        m->graph_cap = m->dec_cap;
+        if (!m->dec_graphs) m->dec_graphs = mem_calloc((size_t)m->T_max + 1, sizeof *m->dec_graphs);
+    }
+    if (BE->graph_run && !m->opt.no_graphs && m->dec_graphs) {
+        int replayed = 0;
+        rc = BE->graph_run(&m->dec_graphs[B], decode_body, &x, &replayed, e);
+        m->graph_steps += replayed;
+    } else {
+        rc = decode_body(&x, e);
+    }
     if (rc) return rc;
     decode_advance(m, kv, B);
-    BE->rmsnorm_forward(m->hfin, m->rstd_fin, m->resid + (size_t)L * B * d, m->p.w.final_norm, B, d,
-                        (float)c->rms_norm_eps);
-    BE->matmul_forward(m->logits, m->hfin, m->p.w.head, B, d, V, 0, m->opt.mm);
     return MR_OK;
 }
 
@@ -1056,10 +1104,8 @@ int model_mtp_draft(model *m, const int32_t *ids, const int32_t *hrow, model_kv 
     BE->copy2d(t->cat, 2 * (size_t)d, t->en, (size_t)d, (size_t)d, (size_t)B);
     BE->copy2d(t->cat + d, 2 * (size_t)d, t->hn, (size_t)d, (size_t)d, (size_t)B);
     BE->matmul_forward(t->x0, t->cat, w->eh_proj, B, 2 * d, d, 0, m->opt.mm);
-    m->dec_off = off;
     m->mtp_T = B;
     rc = block_forward(m, L, t->hk, t->x0, &b, B, mtp, e);
-    m->dec_off = NULL;
     if (rc) return err_prefix(e, "MTP draft");
     decode_advance(m, mtp, B);
     BE->rmsnorm_forward(t->hkn, t->rstd_k, t->hk, w->head_norm, B, d, eps);

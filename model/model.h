@@ -19,6 +19,7 @@
 #define MODEL_MAX_MTP 8
 
 typedef struct backend backend;
+typedef struct kv_row kv_row;
 
 typedef struct model_opts {
     const backend *backend; /* operation table; NULL = the CPU backend */
@@ -31,6 +32,8 @@ typedef struct model_opts {
     float balance_alpha; /* α of the sequence-wise balance loss (main-model MoE layers); 0 = off */
     int attn_naive;      /* 1: keep the non-absorbed training attention even in MM_DET (benchmarks only: the
                             rollout's log-probs then no longer equal the trainer's bit for bit) */
+    int no_graphs;       /* 1: decode steps launch their ops one by one even where the backend could replay them
+                            as a CUDA graph (tests and benchmarks compare the two) */
 } model_opts;
 
 typedef struct model_batch {
@@ -94,7 +97,12 @@ typedef struct model {
     const float **kv_ptr;   /* (2·T_max) per-row latent / RoPE-key pointers of the absorbed attention */
     int32_t *kv_len;        /* (T_max) per-row key counts of the absorbed attention */
     int32_t *dec_pos;       /* (T_max) positions of a decode step */
-    const int32_t *dec_off; /* (B) during a decode step: each row's offset past its cache's len, or NULL */
+    kv_row *dec_rows;       /* (T_max) the latest decode step's rows as the attention ops read them (backend memory) */
+    kv_row *dec_rows_h;     /* (T_max) the same in host memory (dec_rows itself on the CPU) */
+    int dec_cap;            /* the largest cache capacity among them */
+    void **dec_graphs;      /* (T_max + 1) per batch size: the backend's graph of a main decode step (graph_run) */
+    int graph_cap;          /* the dec_cap those graphs were captured for */
+    int64_t graph_steps;    /* decode steps that ran as a replayed graph */
     /* Device backends: the batch's integer arrays and per-row scales copied into the backend's memory before the
      * ops read them (on the CPU the host arrays are used as they are), and host copies of what callers read. */
     int32_t *st_i;          /* device: ids, pos, doc_start, targets, MTP targets (T_max each), replay (layers, T_max, K) */

@@ -33,6 +33,64 @@ Test(gpu_model, training_step_and_optimizer_match_the_cpu_cublas_bf16) {
 
 Test(gpu_model, prefill_decode_and_mtp_draft_match_the_cpu) { mp_prefill_decode(gpu, 1e-5); }
 
+/* Decode steps replayed as CUDA graphs (model.c decode_body through graph_run) give the bits of the same steps
+ * launched one by one, as the batch shrinks and the caches grow; the graphs did run. */
+static void graphs_case(mm_mode mm) {
+    enum { T = 16, CAP = 14, NB = 3 };
+    model mg[2];
+    mr_err e = {0};
+    for (int w = 0; w < 2; w++) {
+        model_config c;
+        tu_config_all_options(&c);
+        model_params p;
+        mp_random_params(&p, &c);
+        model_opts o = {.backend = gpu, .mm = mm, .mm_bwd = mm, .no_graphs = w == 0};
+        cr_assert_eq(model_init(&mg[w], &p, &o, T, &e), MR_OK, "%s", e.msg);
+    }
+    const int V = mg[0].p.cfg.vocab_size;
+    size_t fc, fk;
+    model_kv_floats(&mg[0], CAP, &fc, &fk);
+    model_kv kv[2][NB];
+    float *mem[2][NB];
+    for (int w = 0; w < 2; w++)
+        for (int j = 0; j < NB; j++) {
+            mem[w][j] = gpu->alloc((fc + fk) * sizeof(float));
+            cr_assert(mem[w][j]);
+            kv[w][j] = (model_kv){.ckv = mem[w][j], .kpe = mem[w][j] + fc, .cap = CAP};
+        }
+    int32_t ids[6] = {3, 9, 27, 4, 11, 40}, pos[6] = {0, 1, 0, 1, 2, 0}, doc[6] = {0, 0, 2, 2, 2, 5};
+    model_batch b = {.ids = ids, .pos = pos, .doc_start = doc, .T = 6, .skip_mtp = 1};
+    for (int w = 0; w < 2; w++) {
+        model_kv *k[NB] = {&kv[w][0], &kv[w][1], &kv[w][2]};
+        cr_assert_eq(model_prefill(&mg[w], &b, k, NB, &e), MR_OK, "%s", e.msg);
+    }
+    int32_t next[NB] = {5, 6, 7};
+    for (int step = 0; step < 9; step++) {
+        const int B = step < 6 ? 3 : 2; /* the last sequence finishes: a second graph */
+        const float *lg[2];
+        for (int w = 0; w < 2; w++) {
+            model_kv *k[NB] = {&kv[w][0], &kv[w][1], &kv[w][2]};
+            cr_assert_eq(model_decode_step(&mg[w], next, k, B, &e), MR_OK, "step %d: %s", step, e.msg);
+            lg[w] = model_logits(&mg[w]);
+            cr_assert(lg[w]);
+        }
+        for (size_t i = 0; i < (size_t)B * V; i++)
+            if (memcmp(&lg[0][i], &lg[1][i], sizeof(float)))
+                cr_assert_fail("step %d: graph logit %zu is %.9g, direct %.9g", step, i, lg[1][i], lg[0][i]);
+        for (int j = 0; j < B; j++) next[j] = (int32_t)((next[j] * 7 + step) % V);
+    }
+    cr_assert_eq(mg[0].graph_steps, 0);
+    /* batch 3: steps 0 (direct), 1 (capture + launch), 2..5 replayed; batch 2: steps 6, 7, 8 likewise */
+    cr_assert_geq(mg[1].graph_steps, 6, "only %lld decode steps ran as graphs", (long long)mg[1].graph_steps);
+    for (int w = 0; w < 2; w++) {
+        for (int j = 0; j < NB; j++) gpu->free(mem[w][j]);
+        model_free(&mg[w]);
+    }
+}
+
+Test(gpu_model, decode_graphs_give_the_direct_bits_det) { graphs_case(MM_DET); }
+Test(gpu_model, decode_graphs_give_the_direct_bits_cublas) { graphs_case(MM_FAST); }
+
 /* Whole runs through the CLI: SFT on CUDA tracks the CPU's losses (the same batches, fp32 arithmetic in another
  * order); GRPO completes with finite metrics (its samples may differ from the CPU's once a logit rounds
  * differently, so its health is checked: finite loss, rewards in range, and the rollout's log-probs close to the

@@ -58,6 +58,38 @@ static int cpu_grad_sumsq(double *sumsq, const float *g, size_t n, mr_err *e) {
     return MR_OK;
 }
 
+static void cpu_kv_append(const kv_row *rows, int layer, const float *cn, const float *kpe, int T, int r_kv,
+                          int d_rope) {
+    for (int t = 0; t < T; t++) {
+        const kv_row *r = &rows[t];
+        const size_t at = (size_t)layer * (size_t)r->cap + (size_t)r->at;
+        memcpy(r->ckv + at * (size_t)r_kv, cn + (size_t)t * r_kv, sizeof(float) * (size_t)r_kv);
+        memcpy(r->kpe + at * (size_t)d_rope, kpe + (size_t)t * d_rope, sizeof(float) * (size_t)d_rope);
+    }
+}
+
+/* The row arrays of mla_decode_absorbed_lse built from the descriptors: the same call as with host arrays. */
+static int cpu_mla_rows(float *out, float *lse, const float *q, const kv_row *rows, int layer, const float *w_kvb,
+                        int B, int H, int d_nope, int d_rope, int d_v, int r_kv, float scale, int max_cap, mr_err *e) {
+    (void)max_cap;
+    const float **pc = mem_alloc(2 * sizeof(float *) * (size_t)(B > 0 ? B : 1)), **pk = pc + (B > 0 ? B : 1);
+    int32_t *len = mem_alloc(sizeof(int32_t) * (size_t)(B > 0 ? B : 1));
+    if (!pc || !len) {
+        mem_free(pc);
+        mem_free(len);
+        return err_set(e, MR_ENOMEM, "mla_rows: out of memory");
+    }
+    for (int b = 0; b < B; b++) {
+        pc[b] = rows[b].ckv + (size_t)layer * (size_t)rows[b].cap * (size_t)r_kv;
+        pk[b] = rows[b].kpe + (size_t)layer * (size_t)rows[b].cap * (size_t)d_rope;
+        len[b] = rows[b].at + 1;
+    }
+    int rc = mla_decode_absorbed_lse(out, lse, q, pc, pk, len, w_kvb, B, H, d_nope, d_rope, d_v, r_kv, scale, e);
+    mem_free(pc);
+    mem_free(len);
+    return rc;
+}
+
 static const backend cpu_backend = {
     .kind = BACKEND_CPU,
     .name = "cpu",
@@ -93,6 +125,8 @@ static const backend cpu_backend = {
     .scale = cpu_scale,
     .adamw_update = cpu_adamw_update,
     .grad_sumsq = cpu_grad_sumsq,
+    .kv_append = cpu_kv_append,
+    .mla_rows = cpu_mla_rows,
 };
 
 const backend *backend_cpu(void) { return &cpu_backend; }

@@ -231,6 +231,14 @@ static int g_mla_absorbed(float *out, float *lse, const float *q, const float *c
     GUARD_RET(int, C()->mla_absorbed(out, lse, q, c_kv, k_rope, len, w_kvb, B, H, dn, dr, dv, rkv, scale, e));
 }
 
+static void g_kv_append(const kv_row *rows, int layer, const float *cn, const float *kpe, int T, int rkv, int dr) {
+    GUARD_VOID(C()->kv_append(rows, layer, cn, kpe, T, rkv, dr));
+}
+static int g_mla_rows(float *out, float *lse, const float *q, const kv_row *rows, int layer, const float *w_kvb, int B,
+                      int H, int dn, int dr, int dv, int rkv, float scale, int max_cap, mr_err *e) {
+    GUARD_RET(int, C()->mla_rows(out, lse, q, rows, layer, w_kvb, B, H, dn, dr, dv, rkv, scale, max_cap, e));
+}
+
 static const backend guarded_backend = {
     .kind = BACKEND_GUARDED,
     .name = "cpu-guarded",
@@ -265,6 +273,8 @@ static const backend guarded_backend = {
     .moe_backward = g_moe_backward,
     .moe_balance_loss = g_moe_balance_loss,
     .mla_absorbed = g_mla_absorbed,
+    .kv_append = g_kv_append,
+    .mla_rows = g_mla_rows,
     .det_absorbed = 1,
     .mem_stats = g_mem_stats,
 };

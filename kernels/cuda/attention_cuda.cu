@@ -18,6 +18,7 @@
 #include <math.h>
 #include <stdio.h>
 
+#include "kernels/backend.h"
 #include "kernels/cuda/attention_cuda.h"
 #include "kernels/cuda/dense_cuda.h"
 
@@ -511,5 +512,61 @@ extern "C" int cuda_mla_absorbed(float *out, float *lse, const float *q, const f
         (const int32_t *)(args + pbytes), w_kvb, H, d_nope, d_rope, d_v, r_kv, scale, S, maxlen);
     st = cudaGetLastError();
     if (st != cudaSuccess) return err_set(e, MR_EDEVICE, "mla_absorbed (cuda): launch: %s", cudaGetErrorString(st));
+    return MR_OK;
+}
+
+// ------------------------------------------------------------------------------------ decode rows on the device
+
+// Row t's latent and RoPE key into its cache's layer at its slot: one block per row.
+__global__ static void kv_append_kernel(const kv_row *rows, int layer, const float *cn, const float *kpe, int rkv,
+                                        int dr) {
+    const kv_row r = rows[blockIdx.x];
+    const size_t at = (size_t)layer * (size_t)r.cap + (size_t)r.at;
+    for (int i = threadIdx.x; i < rkv + dr; i += blockDim.x) {
+        if (i < rkv) r.ckv[at * rkv + i] = cn[(size_t)blockIdx.x * rkv + i];
+        else r.kpe[at * dr + (i - rkv)] = kpe[(size_t)blockIdx.x * dr + (i - rkv)];
+    }
+}
+
+extern "C" void cuda_kv_append(const kv_row *rows, int layer, const float *cn, const float *kpe, int T, int r_kv,
+                               int d_rope) {
+    if (T <= 0) return;
+    kv_append_kernel<<<(unsigned)T, 128>>>(rows, layer, cn, kpe, r_kv, d_rope);
+    NOTE_LAUNCH("kv_append");
+}
+
+// The pointer and length arrays of mla_absorbed_kernel from the rows.
+__global__ static void rows_args_kernel(const float **pc, const float **pk, int32_t *len, const kv_row *rows,
+                                        int layer, int B, int rkv, int dr) {
+    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= B) return;
+    const kv_row r = rows[b];
+    const size_t base = (size_t)layer * (size_t)r.cap;
+    pc[b] = r.ckv + base * rkv;
+    pk[b] = r.kpe + base * dr;
+    len[b] = r.at + 1;
+}
+
+extern "C" int cuda_mla_rows(float *out, float *lse, const float *q, const kv_row *rows, int layer,
+                             const float *w_kvb, int B, int H, int d_nope, int d_rope, int d_v, int r_kv, float scale,
+                             int max_cap, mr_err *e) {
+    if (B == 0) return MR_OK;
+    if (B < 0 || H < 1 || H > 65535 || B > 65535 || d_nope < 1 || d_rope < 0 || d_v < 1 || r_kv < 1 || r_kv > 8192 ||
+        max_cap < 1)
+        return err_set(e, MR_EINVAL, "mla_rows (cuda): bad sizes B=%d H=%d d_nope=%d d_rope=%d d_v=%d r_kv=%d cap=%d",
+                       B, H, d_nope, d_rope, d_v, r_kv, max_cap);
+    const size_t pbytes = 2 * (size_t)B * sizeof(float *), abytes = pbytes + (size_t)B * sizeof(int32_t);
+    char *args = (char *)dense_cuda_scratch(DENSE_CUDA_SCRATCH_MLA_ARGS, abytes);
+    float *S = (float *)dense_cuda_scratch(DENSE_CUDA_SCRATCH_MLA_SCORES, (size_t)B * H * max_cap * sizeof(float));
+    if (!args || !S) return err_set(e, MR_EDEVICE, "mla_rows (cuda): out of device memory for its scratch");
+    const float **pc = (const float **)args, **pk = pc + B;
+    int32_t *len = (int32_t *)(args + pbytes);
+    rows_args_kernel<<<(unsigned)((B + 127) / 128), 128>>>(pc, pk, len, rows, layer, B, r_kv, d_rope);
+    const size_t smem = (2 * (size_t)r_kv + 32) * sizeof(float);
+    mla_absorbed_kernel<<<dim3((unsigned)H, (unsigned)B), MLA_THREADS, smem>>>(out, lse, q, pc, pk, len, w_kvb, H,
+                                                                               d_nope, d_rope, d_v, r_kv, scale, S,
+                                                                               max_cap);
+    cudaError_t st = cudaGetLastError();
+    if (st != cudaSuccess) return err_set(e, MR_EDEVICE, "mla_rows (cuda): launch: %s", cudaGetErrorString(st));
     return MR_OK;
 }

@@ -50,6 +50,14 @@ int cuda_attention_swa_backward(float *dq, float *dk, float *dv, const float *do
 int cuda_mla_absorbed(float *out, float *lse, const float *q, const float *const *c_kv, const float *const *k_rope,
                       const int32_t *len, const float *w_kvb, int B, int H, int d_nope, int d_rope, int d_v, int r_kv,
                       float scale, mr_err *e);
+/* The table's kv_append and mla_rows (kernels/backend.h): rows is DEVICE memory (T / B kv_row), so the launches
+ * do not depend on the step and can be captured into a CUDA graph. mla_rows forms the argument arrays of
+ * cuda_mla_absorbed on the device and runs its kernel with a score scratch of B·H·max_cap floats (a row whose
+ * slot is outside its cache is caught on the host before: model.c decode_positions). */
+typedef struct kv_row kv_row;
+void cuda_kv_append(const kv_row *rows, int layer, const float *cn, const float *kpe, int T, int r_kv, int d_rope);
+int cuda_mla_rows(float *out, float *lse, const float *q, const kv_row *rows, int layer, const float *w_kvb, int B,
+                  int H, int d_nope, int d_rope, int d_v, int r_kv, float scale, int max_cap, mr_err *e);
 /* Frees the kernels' scratch (D of the backward); it is allocated again on demand. */
 void attention_cuda_release(void);
 

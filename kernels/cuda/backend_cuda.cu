@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/rng.h"
@@ -70,6 +71,69 @@ static int cuda_device_info(backend_device_info *out, mr_err *e) {
     out->mem_bw = (double)mclk * 1e3 * 2 * bus / 8;
     out->mem_total = prop.totalGlobalMem;
     return MR_OK;
+}
+
+// ---- CUDA graphs (the table's graph_run) ----
+typedef struct cuda_graph {
+    int state; // 0 new, 1 ran once (scratch grown), 2 captured, 3 not capturable: run directly
+    unsigned gen;
+    cudaGraphExec_t exec;
+} cuda_graph;
+
+static void cuda_graph_free(void *h) {
+    cuda_graph *g = (cuda_graph *)h;
+    if (!g) return;
+    if (g->state == 2) cudaGraphExecDestroy(g->exec);
+    free(g);
+}
+
+static int cuda_graph_run(void **h, int (*body)(void *, mr_err *), void *ctx, int *replayed, mr_err *e) {
+    if (replayed) *replayed = 0;
+    cuda_graph *g = (cuda_graph *)*h;
+    if (!g) {
+        if (!(g = (cuda_graph *)calloc(1, sizeof *g))) return body(ctx, e);
+        *h = g;
+    }
+    if (g->state == 2 && g->gen != dense_cuda_scratch_generation()) { // a scratch buffer moved: capture again
+        cudaGraphExecDestroy(g->exec);
+        g->state = 1;
+    }
+    if (g->state == 2) {
+        CUDA_CHECK(cudaGraphLaunch(g->exec, cudaStreamPerThread), e);
+        if (replayed) *replayed = 1;
+        return MR_OK;
+    }
+    if (g->state != 1) { // the first run grows every scratch buffer the body needs; a capture must not
+        int rc = body(ctx, e);
+        if (rc == MR_OK && g->state == 0) g->state = 1;
+        return rc;
+    }
+    int rc = dense_cuda_take_error(e); // an earlier op's failure is reported, not blamed on the capture
+    if (rc) return rc;
+    const unsigned gen = dense_cuda_scratch_generation();
+    CUDA_CHECK(cudaStreamBeginCapture(cudaStreamPerThread, cudaStreamCaptureModeThreadLocal), e);
+    mr_err be;
+    memset(&be, 0, sizeof be);
+    int brc = body(ctx, &be);
+    cudaGraph_t graph = NULL;
+    cudaError_t st = cudaStreamEndCapture(cudaStreamPerThread, &graph);
+    if (brc == MR_OK && st == cudaSuccess && graph && dense_cuda_scratch_generation() == gen &&
+        cudaGraphInstantiate(&g->exec, graph, 0) == cudaSuccess) {
+        cudaGraphDestroy(graph);
+        g->gen = gen;
+        g->state = 2;
+        CUDA_CHECK(cudaGraphLaunch(g->exec, cudaStreamPerThread), e);
+        if (replayed) *replayed = 1;
+        return MR_OK;
+    }
+    // Not capturable (or the body failed): forget what the capture noted and run the body directly, now and later.
+    if (graph) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    mr_err drop;
+    memset(&drop, 0, sizeof drop);
+    dense_cuda_take_error(&drop);
+    g->state = 3;
+    return body(ctx, e);
 }
 
 static void *cuda_alloc(size_t n) {
@@ -220,6 +284,10 @@ static backend make_cuda_backend() {
     b.set_gemm_bf16 = dense_cuda_set_bf16;
     b.mem_stats = cuda_mem_stats;
     b.device_info = cuda_device_info;
+    b.kv_append = cuda_kv_append;
+    b.mla_rows = cuda_mla_rows;
+    b.graph_run = cuda_graph_run;
+    b.graph_free = cuda_graph_free;
     return b;
 }
 static const backend cuda_backend = make_cuda_backend();

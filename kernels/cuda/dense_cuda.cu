@@ -53,10 +53,12 @@ extern "C" void dense_cuda_note_error(const char *file, int line, const char *wh
 }
 
 static int use_bf16 = 0;
+static unsigned scratch_gen; // dense_cuda_scratch_generation
 
 extern "C" int dense_cuda_set_bf16(int on) {
     int prev = use_bf16;
     use_bf16 = on != 0;
+    if (use_bf16 != prev) scratch_gen++; // captured graphs hold the other GEMM path
     return prev;
 }
 
@@ -73,6 +75,9 @@ static cublasHandle_t cublas(void) {
         // DEFAULT_MATH never lowers the requested precision (no TF32 for Sgemm) but lets GemmEx use tensor cores
         // for bf16; atomics stay off, so a given GEMM shape gives the same bits on every run on the same GPU model.
         NOTE_CUBLAS(cublasSetMathMode(cublas_h, CUBLAS_DEFAULT_MATH));
+        // Every moerl kernel runs on the per-thread default stream (nvcc --default-stream per-thread): cuBLAS too,
+        // so a decode step can be captured into a CUDA graph (the legacy stream cannot be captured).
+        NOTE_CUBLAS(cublasSetStream(cublas_h, cudaStreamPerThread));
         NOTE_CUBLAS(cublasSetAtomicsMode(cublas_h, CUBLAS_ATOMICS_NOT_ALLOWED));
     }
     return cublas_h;
@@ -81,8 +86,11 @@ static cublasHandle_t cublas(void) {
 static void *scratch[DENSE_CUDA_SCRATCH_N];
 static size_t scratch_size[DENSE_CUDA_SCRATCH_N];
 
+extern "C" unsigned dense_cuda_scratch_generation(void) { return scratch_gen; }
+
 extern "C" void *dense_cuda_scratch(int slot, size_t nbytes) {
     if (nbytes > scratch_size[slot]) {
+        scratch_gen++; // captured graphs that use the old buffer are stale
         cudaFree(scratch[slot]); // synchronizes: nothing in flight still reads the old buffer
         scratch[slot] = NULL;
         scratch_size[slot] = 0;
@@ -98,6 +106,7 @@ extern "C" void *dense_cuda_scratch(int slot, size_t nbytes) {
 }
 
 extern "C" void dense_cuda_release(void) {
+    scratch_gen++;
     for (int i = 0; i < DENSE_CUDA_SCRATCH_N; i++) {
         cudaFree(scratch[i]);
         scratch[i] = NULL;

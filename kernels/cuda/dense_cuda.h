@@ -51,6 +51,9 @@ enum {
     DENSE_CUDA_SCRATCH_N
 };
 void *dense_cuda_scratch(int slot, size_t nbytes);
+/* Grows by one whenever a scratch buffer moves (or all are released): a CUDA graph captured at another generation
+ * points at freed memory and must be captured again. */
+unsigned dense_cuda_scratch_generation(void);
 
 void cuda_matmul_forward(float *y, const float *x, const float *w, int T, int in, int out, float beta,
                          mm_mode mode);
