@@ -232,7 +232,7 @@ extern "C" void cuda_matmul_forward(float *y, const float *x, const float *w, in
         return;
     }
     if (in <= 0) { // every dot product is empty
-        if (!acc) NOTE_CUDA(cudaMemset(y, 0, sizeof(float) * (size_t)T * out));
+        if (!acc) NOTE_CUDA(cudaMemsetAsync(y, 0, sizeof(float) * (size_t)T * out, 0));
         return;
     }
     gemm(CUBLAS_OP_T, CUBLAS_OP_N, out, T, in, w, in, (size_t)out * in, x, in, (size_t)T * in, acc ? 1.0f : 0.0f, y,
