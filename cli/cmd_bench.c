@@ -530,6 +530,16 @@ void bench_config_100m(model_config *c) {
     c->num_nextn_predict_layers = 1;
 }
 
+/* T random token ids (a seeded LCG) and their next-token targets (the last row has none). */
+static void random_tokens(int32_t *ids, int32_t *tgt, int T, int V, int seed) {
+    uint64_t s = 0x9E3779B97F4A7C15ull ^ (uint64_t)seed;
+    for (int t = 0; t < T; t++) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        ids[t] = (int32_t)((s >> 33) % (uint64_t)V);
+    }
+    for (int t = 0; t < T; t++) tgt[t] = t + 1 < T ? ids[t + 1] : -1;
+}
+
 /* The ~1B-total preset (issue 9's "~1B-total MoE"): d = 1024, 14 layers (1 dense), 16 heads, 64 routed experts
  * top-6 in 8 groups keeping 4, 2 shared, expert width 352, vocab 32768, MTP depth 1: 1.05B total, 0.24B active. */
 void bench_config_1b(model_config *c);
@@ -607,12 +617,7 @@ static int bench_device(const model_config *c, const char *cfg_name, const char 
     if (model_init(&m, &p, &mo, T, &e)) goto fail;
     params_zero_grad(&m.p);
     if (adamw_init(&opt, &m.p, adamw_defaults(), &e)) goto fail;
-    uint64_t s = 0x9E3779B97F4A7C15ull ^ (uint64_t)seed;
-    for (int t = 0; t < T; t++) {
-        s = s * 6364136223846793005ull + 1442695040888963407ull;
-        ids[t] = (int32_t)((s >> 33) % (uint64_t)c->vocab_size);
-    }
-    for (int t = 0; t < T; t++) tgt[t] = t + 1 < T ? ids[t + 1] : -1;
+    random_tokens(ids, tgt, T, c->vocab_size, seed);
     model_batch batch = {.ids = ids, .targets = tgt, .T = T};
 
     printf("moerl bench model: %s on %s, T = %d tokens (one document), mm %s, backward GEMMs %s, precision %s;\n"
@@ -993,12 +998,7 @@ static int bench_model(int argc, char **argv) {
         err_set(&e, MR_ENOMEM, "out of memory");
         goto fail;
     }
-    uint64_t s = 0x9E3779B97F4A7C15ull ^ (uint64_t)seed;
-    for (int t = 0; t < T; t++) {
-        s = s * 6364136223846793005ull + 1442695040888963407ull;
-        ids[t] = (int32_t)((s >> 33) % (uint64_t)c.vocab_size);
-    }
-    for (int t = 0; t < T; t++) tgt[t] = t + 1 < T ? ids[t + 1] : -1;
+    random_tokens(ids, tgt, T, c.vocab_size, seed);
     model_batch batch = {.ids = ids, .targets = tgt, .T = T};
 
     char cpu[256];
