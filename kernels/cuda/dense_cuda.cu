@@ -63,6 +63,8 @@ extern "C" int dense_cuda_set_bf16(int on) {
 }
 
 static cublasHandle_t cublas_h = NULL;
+static void *cublas_ws = NULL;
+#define CUBLAS_WS_BYTES ((size_t)32 << 20) // the cuBLAS guide's size for Hopper (4 MiB before it)
 
 static cublasHandle_t cublas(void) {
     if (!cublas_h) {
@@ -78,6 +80,11 @@ static cublasHandle_t cublas(void) {
         // Every moerl kernel runs on the per-thread default stream (nvcc --default-stream per-thread): cuBLAS too,
         // so a decode step can be captured into a CUDA graph (the legacy stream cannot be captured).
         NOTE_CUBLAS(cublasSetStream(cublas_h, cudaStreamPerThread));
+        // A workspace of our own, allocated once: no allocation inside a captured decode step.
+        if (cudaMalloc(&cublas_ws, CUBLAS_WS_BYTES) == cudaSuccess)
+            NOTE_CUBLAS(cublasSetWorkspace(cublas_h, cublas_ws, CUBLAS_WS_BYTES));
+        else
+            cublas_ws = NULL, cudaGetLastError(); // cuBLAS keeps its own pool
         NOTE_CUBLAS(cublasSetAtomicsMode(cublas_h, CUBLAS_ATOMICS_NOT_ALLOWED));
     }
     return cublas_h;
@@ -114,6 +121,8 @@ extern "C" void dense_cuda_release(void) {
     }
     if (cublas_h) cublasDestroy(cublas_h);
     cublas_h = NULL;
+    cudaFree(cublas_ws);
+    cublas_ws = NULL;
 }
 
 static unsigned grid_for(size_t n, unsigned threads) {
