@@ -9,6 +9,7 @@
 #include "cli/cli.h"
 #include "core/mem.h"
 #include "core/progress.h"
+#include "kernels/backend.h"
 #include "model/model.h"
 #include "model/params.h"
 #include "rollout/rollout.h"
@@ -68,7 +69,7 @@ int cmd_generate(int argc, char **argv) {
     if (cli_wants_help(argc, argv)) {
         printf("usage: moerl generate --model DIR --prompt TEXT [-n N] [--temperature T] [--top-p P] [--top-k K]\n"
                "                      [--min-p M] [--max-new-tokens N] [--seed S] [--stop STR]... [--mm det|fast]\n"
-               "                      [--mtp-speculative] [--stats]\n\n"
+               "                      [--mtp-speculative] [--stats] [--device cpu|cuda|cpu-guarded]\n\n"
                "Samples completions of TEXT with the model in DIR (config.json, model.safetensors, tokenizer.json, as\n"
                "written by `moerl sft` or `moerl init-model` + a tokenizer) on the latent KV cache. With -n 1 (the\n"
                "default) the text streams to stdout as it is generated; with -n N > 1 each sample is printed when done,\n"
@@ -86,7 +87,9 @@ int cmd_generate(int argc, char **argv) {
                "  --mtp-speculative  draft one token with the model's MTP module and verify it in the next decode step\n"
                "                     (same tokens when greedy, same distribution when sampling); implies --stats\n"
                "  --stats            after the text, one line on stderr: tokens, seconds, tokens/s, decode steps and,\n"
-               "                     with --mtp-speculative, the drafts accepted\n",
+               "                     with --mtp-speculative, the drafts accepted\n"
+               "  --device D         the backend that runs the model (default cpu; cuda: weights and caches on the\n"
+               "                     GPU, decode steps replayed as CUDA graphs)\n",
                MAX_STOP);
         return 0;
     }
@@ -96,6 +99,7 @@ int cmd_generate(int argc, char **argv) {
     rollout_opts o = rollout_opts_default();
     o.max_new_tokens = 128;
     mm_mode mm = MM_DET;
+    const char *device = "cpu";
     for (int i = 1; i < argc; i++) {
         int bad = 0;
         const char *name = argv[i];
@@ -120,6 +124,8 @@ int cmd_generate(int argc, char **argv) {
             stats = 1;
         } else if (!strcmp(argv[i], "--stats")) {
             stats = 1;
+        } else if ((v = opt_value(argc, argv, &i, "--device"))) {
+            device = v;
         } else if ((v = opt_value(argc, argv, &i, "--mm"))) {
             if (!strcmp(v, "det")) mm = MM_DET;
             else if (!strcmp(v, "fast")) mm = MM_FAST;
@@ -135,6 +141,12 @@ int cmd_generate(int argc, char **argv) {
     }
     if (!dir || !prompt) {
         fprintf(stderr, "moerl generate: needs --model DIR and --prompt TEXT\n");
+        return 2;
+    }
+    const backend *be;
+    mr_err ed = {0};
+    if (backend_get(device, &be, &ed)) {
+        fprintf(stderr, "moerl generate: %s\n", ed.msg);
         return 2;
     }
     o.seed = seed;
@@ -162,7 +174,7 @@ int cmd_generate(int argc, char **argv) {
     /* the prefill holds the prompt; a decode step n rows (2 per sample when verifying a draft) */
     const int rows = o.mtp_speculative ? 2 * n : n;
     int T_max = (int)ids.n > rows ? (int)ids.n : rows;
-    model_opts mo = {.mm = mm};
+    model_opts mo = {.mm = mm, .backend = be};
     if (model_init(&m, &prm, &mo, T_max, &e)) goto fail;
     stream_ctx sc = {tok, o.eos};
     if (n == 1) {

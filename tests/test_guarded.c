@@ -103,6 +103,18 @@ static void run_both(const char *cmd, const char *ckpt) {
     same_file(a, b, rel);
     snprintf(rel, sizeof rel, "out/%s/optimizer.safetensors", ckpt);
     same_file(a, b, rel);
+    if (!strcmp(cmd, "sft")) { /* `moerl generate --device` on the checkpoint: the same samples */
+        char *ga = NULL, *gb = NULL;
+        snprintf(line, sizeof line, "%s generate --model %s/out/%s --prompt 'Q: 3+4' -n 3 --seed 9 --max-new-tokens 8",
+                 tu_bin(), a, ckpt);
+        cr_assert_eq(tu_run(line, &ga), 0, "%s", ga);
+        strcat(line, " --device cpu-guarded");
+        cr_assert_eq(tu_run(line, &gb), 0, "%s", gb);
+        cr_assert(strstr(ga, "--- sample 2"), "%s", ga);
+        cr_assert_str_eq(ga, gb, "generate differs between cpu and cpu-guarded");
+        free(ga);
+        free(gb);
+    }
     tu_rmtree(a);
     tu_rmtree(b);
     free(a);
