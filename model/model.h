@@ -136,7 +136,7 @@ int model_policy_grad(model *m, const model_batch *b, const float *coef, mr_err 
 
 /* ---- Inference on the latent KV cache (the rollout engine, rollout/rollout.c) ----
  *
- * Attention form: with MM_DET on the CPU backend (and no sliding window) model_forward computes every attention
+ * Attention form: with MM_DET on a backend with det_absorbed (the CPU, CUDA; no sliding window) model_forward computes every attention
  * output in the absorbed form of §5.6 (mla_decode_absorbed_lse, one row at a time over its document's latents), the
  * same arithmetic as model_decode_step; every other operation is batch-invariant. So a decode step's logits row
  * equals, bit for bit, the row of the same token in a model_forward over the whole sequence (alone or packed). In

@@ -392,6 +392,10 @@ static void moe_case(moe_cfg c, int T, int with_bias, moe_opts o) {
         cr_assert_eq(memcmp(hi3, sc.idx, sizeof(int32_t) * TK), 0, "inference routing %s", tag);
         snprintf(what, sizeof what, "moe_forward inference out %s", tag);
         check_close(what, ho3, outc, nx, TOL_F32);
+        if (c.mm == MM_DET) /* the direct path gives the dispatch path's bits (decode == training forward) */
+            for (size_t i = 0; i < nx; i++)
+                cr_assert(memcmp(&ho3[i], &ho[i], sizeof(float)) == 0, "inference out %zu: %.9g, dispatch %.9g %s",
+                          i, ho3[i], ho[i], tag);
         if (direct) {
             mr_err es = {0};
             gpu->moe_backward(ddx, &dvw.gr, &wg, ddout, NULL, &sg, dx_, &dvw.p, &c);

@@ -418,6 +418,7 @@ extern "C" int cuda_attention_swa_backward(float *, float *, float *, const floa
 // ---------------------------------------------------------------------------------------------- absorbed decode
 
 #define MLA_THREADS 128
+#define MLA_SCORES_MAX ((size_t)16 << 20) // floats of score scratch per launch of cuda_mla_absorbed (64 MiB)
 #define MLA_WARPS (MLA_THREADS / 32)
 
 // Block-wide reduction of one value per warp (lane-uniform after warp_max / warp_sum) in warp order.
@@ -496,22 +497,35 @@ extern "C" int cuda_mla_absorbed(float *out, float *lse, const float *q, const f
         if (len[b] < 1) return err_set(e, MR_EINVAL, "mla_absorbed (cuda): sequence %d has %d cached tokens", b, len[b]);
         if (len[b] > maxlen) maxlen = len[b];
     }
-    const size_t pbytes = 2 * (size_t)B * sizeof(float *), abytes = pbytes + (size_t)B * sizeof(int32_t);
+    // Rows in chunks whose score scratch stays within MLA_SCORES_MAX floats (a training forward has T rows of up to
+    // T keys each); every row is computed alone, so the chunking changes no bit.
+    const size_t per_row = (size_t)H * maxlen;
+    int CB = (int)(MLA_SCORES_MAX / per_row);
+    if (CB < 1) CB = 1;
+    if (CB > B) CB = B;
+    const size_t pbytes = 2 * (size_t)CB * sizeof(float *), abytes = pbytes + (size_t)CB * sizeof(int32_t);
     char *args = (char *)dense_cuda_scratch(DENSE_CUDA_SCRATCH_MLA_ARGS, abytes);
-    float *S = (float *)dense_cuda_scratch(DENSE_CUDA_SCRATCH_MLA_SCORES, (size_t)B * H * maxlen * sizeof(float));
+    float *S = (float *)dense_cuda_scratch(DENSE_CUDA_SCRATCH_MLA_SCORES, (size_t)CB * per_row * sizeof(float));
     if (!args || !S) return err_set(e, MR_EDEVICE, "mla_absorbed (cuda): out of device memory for its scratch");
-    cudaError_t st = cudaMemcpy(args, c_kv, (size_t)B * sizeof(float *), cudaMemcpyHostToDevice);
-    if (st == cudaSuccess)
-        st = cudaMemcpy(args + (size_t)B * sizeof(float *), k_rope, (size_t)B * sizeof(float *),
-                        cudaMemcpyHostToDevice);
-    if (st == cudaSuccess) st = cudaMemcpy(args + pbytes, len, (size_t)B * sizeof(int32_t), cudaMemcpyHostToDevice);
-    if (st != cudaSuccess) return err_set(e, MR_EDEVICE, "mla_absorbed (cuda): copying its arguments: %s", cudaGetErrorString(st));
     const size_t smem = (2 * (size_t)r_kv + 32) * sizeof(float);
-    mla_absorbed_kernel<<<dim3((unsigned)H, (unsigned)B), MLA_THREADS, smem>>>(
-        out, lse, q, (const float *const *)args, (const float *const *)(args + (size_t)B * sizeof(float *)),
-        (const int32_t *)(args + pbytes), w_kvb, H, d_nope, d_rope, d_v, r_kv, scale, S, maxlen);
-    st = cudaGetLastError();
-    if (st != cudaSuccess) return err_set(e, MR_EDEVICE, "mla_absorbed (cuda): launch: %s", cudaGetErrorString(st));
+    for (int b0 = 0; b0 < B; b0 += CB) {
+        const int nb = B - b0 < CB ? B - b0 : CB;
+        // synchronous copies: the previous chunk's kernel has read its arguments before they are overwritten
+        cudaError_t st = cudaMemcpy(args, c_kv + b0, (size_t)nb * sizeof(float *), cudaMemcpyHostToDevice);
+        if (st == cudaSuccess)
+            st = cudaMemcpy(args + (size_t)CB * sizeof(float *), k_rope + b0, (size_t)nb * sizeof(float *),
+                            cudaMemcpyHostToDevice);
+        if (st == cudaSuccess)
+            st = cudaMemcpy(args + pbytes, len + b0, (size_t)nb * sizeof(int32_t), cudaMemcpyHostToDevice);
+        if (st != cudaSuccess)
+            return err_set(e, MR_EDEVICE, "mla_absorbed (cuda): copying its arguments: %s", cudaGetErrorString(st));
+        mla_absorbed_kernel<<<dim3((unsigned)H, (unsigned)nb), MLA_THREADS, smem>>>(
+            out + (size_t)b0 * H * d_v, lse ? lse + (size_t)b0 * H : NULL, q + (size_t)b0 * H * (d_nope + d_rope),
+            (const float *const *)args, (const float *const *)(args + (size_t)CB * sizeof(float *)),
+            (const int32_t *)(args + pbytes), w_kvb, H, d_nope, d_rope, d_v, r_kv, scale, S, maxlen);
+        st = cudaGetLastError();
+        if (st != cudaSuccess) return err_set(e, MR_EDEVICE, "mla_absorbed (cuda): launch: %s", cudaGetErrorString(st));
+    }
     return MR_OK;
 }
 

@@ -277,10 +277,12 @@ static backend make_cuda_backend() {
     b.moe_forward = cuda_moe_forward;
     b.moe_backward = cuda_moe_backward;
     b.moe_balance_loss = cuda_moe_balance_loss;
-    // Absorbed attention over the latent caches: the rollout's decode. Training keeps flash attention on CUDA
-    // (det_absorbed 0), so there the rollout's log-probs equal the trainer's to fp32 rounding, not bit for bit.
+    // Absorbed attention over the latent caches: the rollout's decode, and in MM_DET the training forward too
+    // (det_absorbed 1: the same kernel per row; with the MoE's MM_DET direct path giving the dispatch path's bits,
+    // the rollout's log-probs equal the trainer's bit for bit on CUDA as on the CPU). MM_FAST trains with flash
+    // attention.
     b.mla_absorbed = cuda_mla_absorbed;
-    b.det_absorbed = 0;
+    b.det_absorbed = 1;
     b.set_gemm_bf16 = dense_cuda_set_bf16;
     b.mem_stats = cuda_mem_stats;
     b.device_info = cuda_device_info;

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "kernels/cuda/dense_cuda.h"
+#include "kernels/cuda/det_cuda.cuh"
 
 // ------------------------------------------------------------------------------------------------------------
 // Errors, cuBLAS handle, scratch
@@ -134,18 +135,8 @@ static unsigned grid_for(size_t n, unsigned threads) {
 // matmul
 // ------------------------------------------------------------------------------------------------------------
 
-#define LANES 16 // dense.h's DET_LANES
+#define LANES DET_CUDA_LANES
 #define TILE 16
-
-// dense.h's fixed lane tree: ((a[l]+a[l+8]) for l<8, then +[l+4], then (s4[0]+s4[2]) + (s4[1]+s4[3])).
-__device__ static float det_tree(const float *a) {
-    float s8[8], s4[4];
-#pragma unroll
-    for (int l = 0; l < 8; l++) s8[l] = __fadd_rn(a[l], a[l + 8]);
-#pragma unroll
-    for (int l = 0; l < 4; l++) s4[l] = __fadd_rn(s8[l], s8[l + 4]);
-    return __fadd_rn(__fadd_rn(s4[0], s4[2]), __fadd_rn(s4[1], s4[3]));
-}
 
 // MM_DET forward: y[t][o] = (beta ? y : 0) + tree(lanes), lane l = fused chain over i = l, l+16, ... A 16x16 block
 // stages 16 columns of x and w per step in shared memory; column k0+l feeds lane l, exactly dense.c's order.

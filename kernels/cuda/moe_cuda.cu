@@ -13,6 +13,7 @@
 
 #include "core/mem.h"
 #include "kernels/cuda/dense_cuda.h"
+#include "kernels/cuda/det_cuda.cuh"
 #include "kernels/cuda/moe_cuda.h"
 
 #define FULL 0xffffffffu
@@ -436,6 +437,35 @@ __global__ static void direct_down_kernel(float *out, const float *hs, const flo
     }
 }
 
+// MM_DET: the same outputs as the dispatch path's, bit for bit (each product in det_dot's order, SwiGLU and the
+// weight as swiglu_forward_kernel and scale_rows_kernel form them, slots combined in order), so a decode step's
+// MoE equals the training forward's for the same row. One thread per (pair, row j) / per (token, output i).
+__global__ static void direct_up_det_kernel(float *hs, const float *x, const float *wg, const float *wu,
+                                            size_t stride, const int32_t *idx, const float *weights, long TK, int K,
+                                            int d, int Ie) {
+    GRID_STRIDE(n, (size_t)TK * Ie) {
+        const size_t p = n / Ie, j = n % Ie, e = (size_t)idx[p];
+        const float *xt = x + (p / K) * d;
+        const float z = det_dot(xt, wg + e * stride + j * d, d), u = det_dot(xt, wu + e * stride + j * d, d);
+        const float h = __fmul_rn(__fdiv_rn(z, __fadd_rn(1.0f, expf(-z))), u);
+        hs[n] = __fmul_rn(weights[p], h);
+    }
+}
+
+__global__ static void direct_down_det_kernel(float *out, const float *hs, const float *wd, size_t stride,
+                                              const int32_t *idx, int T, int K, int d, int Ie) {
+    GRID_STRIDE(n, (size_t)T * d) {
+        const size_t t = n / d, i = n % d;
+        float acc = 0.0f;
+        for (int k = 0; k < K; k++) {
+            const size_t p = t * K + k;
+            const float s = det_dot(hs + p * Ie, wd + (size_t)idx[p] * stride + i * Ie, Ie);
+            acc = k ? __fadd_rn(acc, s) : s;
+        }
+        out[n] = acc;
+    }
+}
+
 // base with E experts at base + e·stride, or NULL.
 static const float *strided(const float *const *ptr, int E, size_t stride) {
     for (int e = 1; e < E; e++)
@@ -535,12 +565,20 @@ extern "C" int cuda_moe_forward(float *out, moe_saved *s, moe_work *w, const flo
     if (s->infer && bg && bu && bd && (c->mm == MM_DET || TK <= MOE_DIRECT_MAX_PAIRS)) {
         s->T = T;
         s->no_dispatch = 1;
-        const unsigned ych = (unsigned)((Ie + DIRECT_WARPS - 1) / DIRECT_WARPS < 65535 ? (Ie + DIRECT_WARPS - 1) / DIRECT_WARPS : 65535);
-        direct_up_kernel<<<dim3((unsigned)TK, ych), DIRECT_WARPS * 32>>>(w->hs, x, bg, bu, st, s->idx, s->weights, K, d,
-                                                                          Ie);
-        LAUNCH_RET("moe direct up", e);
-        direct_down_kernel<<<grid_for((size_t)T * d * 32, 256), 256>>>(out, w->hs, bd, st, s->idx, T, K, d, Ie);
-        LAUNCH_RET("moe direct down", e);
+        if (c->mm == MM_DET) {
+            direct_up_det_kernel<<<grid_for((size_t)TK * Ie, 128), 128>>>(w->hs, x, bg, bu, st, s->idx, s->weights,
+                                                                           TK, K, d, Ie);
+            LAUNCH_RET("moe direct up (det)", e);
+            direct_down_det_kernel<<<grid_for((size_t)T * d, 128), 128>>>(out, w->hs, bd, st, s->idx, T, K, d, Ie);
+            LAUNCH_RET("moe direct down (det)", e);
+        } else {
+            const int yb = (Ie + DIRECT_WARPS - 1) / DIRECT_WARPS;
+            direct_up_kernel<<<dim3((unsigned)TK, (unsigned)(yb < 65535 ? yb : 65535)), DIRECT_WARPS * 32>>>(
+                w->hs, x, bg, bu, st, s->idx, s->weights, K, d, Ie);
+            LAUNCH_RET("moe direct up", e);
+            direct_down_kernel<<<grid_for((size_t)T * d * 32, 256), 256>>>(out, w->hs, bd, st, s->idx, T, K, d, Ie);
+            LAUNCH_RET("moe direct down", e);
+        }
         goto shared;
     }
     if ((rc = dispatch(s, T, K, E, e))) return rc;
