@@ -117,6 +117,9 @@ static int cuda_graph_run(void **h, int (*body)(void *, mr_err *), void *ctx, in
     int brc = body(ctx, &be);
     cudaGraph_t graph = NULL;
     cudaError_t st = cudaStreamEndCapture(cudaStreamPerThread, &graph);
+    mr_err noted;
+    memset(&noted, 0, sizeof noted);
+    if (brc == MR_OK) brc = dense_cuda_take_error(&noted); // a void op that failed while being captured
     if (brc == MR_OK && st == cudaSuccess && graph && dense_cuda_scratch_generation() == gen &&
         cudaGraphInstantiate(&g->exec, graph, 0) == cudaSuccess) {
         cudaGraphDestroy(graph);
