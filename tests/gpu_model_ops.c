@@ -183,6 +183,69 @@ Test(gpu_model_ops, absorbed_attention_over_latent_caches) {
     absorbed_case(1, 1, 8, 0, 8, 16, 1);         /* one token, no RoPE part */
 }
 
+/* Many rows with long caches: cuda_mla_absorbed runs them in chunks (score scratch <= 16M floats a launch). */
+Test(gpu_model_ops, absorbed_attention_in_chunks) { absorbed_case(600, 16, 16, 8, 16, 16, 2048); }
+
+/* The decode step's rows in device memory (kv_append, mla_rows: what a CUDA graph replays): caches of L layers and
+ * different capacities, each row's token appended to layer `lay` at its slot, then attention over slots 0..at of
+ * that layer: the cache bits and the attention within fp32 rounding of the CPU's table. */
+static void rows_case(int B, int L, int lay, int H, int dn, int dr, int dv, int rkv) {
+    const int dqk = dn + dr;
+    char what[160], tag[96];
+    snprintf(tag, sizeof tag, "B=%d L=%d layer %d H=%d rkv=%d", B, L, lay, H, rkv);
+    const backend *cpu = backend_cpu();
+    rng r;
+    rng_init(&r, seed0, 401);
+    kv_row *hr = malloc(sizeof(kv_row) * (size_t)B), *gr = malloc(sizeof(kv_row) * (size_t)B);
+    float **hcache = malloc(sizeof(float *) * (size_t)B), **gcache = malloc(sizeof(float *) * (size_t)B);
+    size_t *nf = malloc(sizeof(size_t) * (size_t)B);
+    int max_cap = 0;
+    for (int b = 0; b < B; b++) {
+        const int cap = 4 + (int)rng_below(&r, 60), at = (int)rng_below(&r, (uint64_t)cap);
+        nf[b] = (size_t)L * cap * (rkv + dr);
+        hcache[b] = hrand(nf[b], 500 + (uint64_t)b, 1.0f);
+        gcache[b] = dput(hcache[b], sizeof(float) * nf[b]);
+        hr[b] = (kv_row){.ckv = hcache[b], .kpe = hcache[b] + (size_t)L * cap * rkv, .cap = cap, .at = at};
+        gr[b] = (kv_row){.ckv = gcache[b], .kpe = gcache[b] + (size_t)L * cap * rkv, .cap = cap, .at = at};
+        if (cap > max_cap) max_cap = cap;
+    }
+    float *cn = hrand((size_t)B * rkv, 402, 1.0f), *kp = hrand((size_t)B * dr, 403, 1.0f);
+    float *q = hrand((size_t)B * H * dqk, 404, 1.0f), *w = hrand((size_t)H * (dn + dv) * rkv, 405, 0.1f);
+    const size_t no = (size_t)B * H * dv, nl = (size_t)B * H;
+    float *out = malloc(sizeof(float) * no), *lse = malloc(sizeof(float) * nl);
+    const float scale = 1.0f / sqrtf((float)dqk);
+    mr_err e = {0};
+    cpu->kv_append(hr, lay, cn, kp, B, rkv, dr);
+    cr_assert_eq(cpu->mla_rows(out, lse, q, hr, lay, w, B, H, dn, dr, dv, rkv, scale, max_cap, &e), MR_OK, "%s", e.msg);
+    kv_row *dr_ = dput(gr, sizeof(kv_row) * (size_t)B);
+    float *gcn = dput(cn, sizeof(float) * (size_t)B * rkv), *gkp = dput(kp, sizeof(float) * (size_t)B * dr);
+    float *gq = dput(q, sizeof(float) * (size_t)B * H * dqk), *gw = dput(w, sizeof(float) * (size_t)H * (dn + dv) * rkv);
+    float *go = dpoison(no), *gl = dpoison(nl);
+    gpu->kv_append(dr_, lay, gcn, gkp, B, rkv, dr);
+    cr_assert_eq(gpu->mla_rows(go, gl, gq, dr_, lay, gw, B, H, dn, dr, dv, rkv, scale, max_cap, &e), MR_OK, "%s",
+                 e.msg);
+    for (int b = 0; b < B; b++) {
+        float *c = dget(gcache[b], nf[b]);
+        cr_assert_eq(memcmp(c, hcache[b], sizeof(float) * nf[b]), 0, "kv_append: cache %d differs %s", b, tag);
+        free(c);
+    }
+    float *ho = dget(go, no), *hl = dget(gl, nl);
+    snprintf(what, sizeof what, "mla_rows out %s", tag);
+    check_close(what, ho, out, no, TOL_F32);
+    snprintf(what, sizeof what, "mla_rows lse %s", tag);
+    check_close(what, hl, lse, nl, TOL_F32);
+    for (int b = 0; b < B; b++) free(hcache[b]), gpu->free(gcache[b]);
+    free(hr), free(gr), free(hcache), free(gcache), free(nf), free(cn), free(kp), free(q), free(w), free(out);
+    free(lse), free(ho), free(hl);
+    gpu->free(dr_), gpu->free(gcn), gpu->free(gkp), gpu->free(gq), gpu->free(gw), gpu->free(go), gpu->free(gl);
+}
+
+Test(gpu_model_ops, decode_rows_append_and_attend) {
+    rows_case(7, 3, 2, 3, 16, 8, 12, 40);
+    rows_case(2, 1, 0, 4, 128, 64, 128, 512);
+    rows_case(1, 2, 1, 1, 8, 0, 8, 16);
+}
+
 Test(gpu_model_ops, absorbed_attention_refuses_an_empty_cache) {
     int32_t len[2] = {3, 0};
     const float *p[2] = {NULL, NULL};
