@@ -59,7 +59,10 @@ static int insert_block(int at, block x) {
     return 0;
 }
 
+static void not_recorded(void);
+
 static void *g_alloc(size_t n) {
+    not_recorded();
     if (reserve()) return NULL;
     n = (n + PAGE - 1) / PAGE * PAGE;
     if (n == 0) n = PAGE;
@@ -84,6 +87,7 @@ static void *g_alloc(size_t n) {
 }
 
 static void g_free(void *p) {
+    not_recorded();
     if (!p) return;
     size_t off = (size_t)((char *)p - G.base);
     for (int i = 0; i < G.n; i++) {
@@ -114,6 +118,7 @@ static void g_mem_stats(size_t *in_use, size_t *peak) {
 
 static int g_to_device(void *dst, const void *src, size_t n, mr_err *e) {
     (void)e;
+    not_recorded();
     open_range();
     memcpy(dst, src, n);
     close_range();
@@ -122,18 +127,68 @@ static int g_to_device(void *dst, const void *src, size_t n, mr_err *e) {
 
 static int g_sync(mr_err *e) {
     (void)e;
+    not_recorded();
     return MR_OK;
+}
+
+/* ---- graphs (graph_run): the CUDA graph protocol on the CPU ----
+ * While a graph is captured the recordable ops (those of a decode step) only record their arguments, by value;
+ * a replay calls them again with exactly those arguments, without the body. Any other op called while capturing
+ * (a copy to or from the host, a sync, an allocation, an op a decode step has no business calling) fails the
+ * capture, as it would on CUDA. A body that passes a per-step value by argument instead of through memory, or
+ * that relies on host work between its ops, gives other results on replay than on the CPU: test_guarded sees
+ * that. */
+typedef enum { R_EMB, R_RMS, R_MM, R_ROPE, R_COPY2D, R_KV_APPEND, R_MLA_ROWS, R_MOE, R_AXPY, R_SWIGLU, R_ZERO } rec_kind;
+
+typedef struct rec {
+    rec_kind k;
+    void *p[7];
+    int i[10];
+    float f;
+    size_t z[4];
+    mm_mode mm;
+    moe_params mp; /* by value: the arrays it points to are the model's */
+} rec;
+
+static struct {
+    int on, failed;
+    rec *ops;
+    int n, cap;
+} REC;
+
+/* While capturing: 1 after recording r (the caller returns without running the op). */
+static int record(const rec *r) {
+    if (!REC.on) return 0;
+    if (REC.n == REC.cap) {
+        int cap = REC.cap ? 2 * REC.cap : 256;
+        rec *o = mem_realloc(REC.ops, (size_t)cap * sizeof *o);
+        if (!o) {
+            REC.failed = 1;
+            return 1;
+        }
+        REC.ops = o;
+        REC.cap = cap;
+    }
+    REC.ops[REC.n++] = *r;
+    return 1;
+}
+
+/* An op that cannot be captured (it runs, and the capture is abandoned). */
+static void not_recorded(void) {
+    if (REC.on) REC.failed = 1;
 }
 
 /* Every op: the CPU's, with the range open around it. */
 #define GUARD_VOID(call)                                                                                       \
     do {                                                                                                       \
+        not_recorded();                                                                                        \
         open_range();                                                                                          \
         call;                                                                                                  \
         close_range();                                                                                         \
     } while (0)
 #define GUARD_RET(type, call)                                                                                  \
     do {                                                                                                       \
+        not_recorded();                                                                                        \
         open_range();                                                                                          \
         type r_ = call;                                                                                        \
         close_range();                                                                                         \
@@ -145,9 +200,16 @@ static const backend *C(void) { return backend_cpu(); }
 static int g_fill_normal(float *x, size_t n, float mean, float std, uint64_t seed, uint64_t stream, mr_err *e) {
     GUARD_RET(int, C()->fill_normal(x, n, mean, std, seed, stream, e));
 }
-static int g_axpy(float *y, const float *x, float a, size_t n, mr_err *e) { GUARD_RET(int, C()->axpy(y, x, a, n, e)); }
-static void g_zero(void *p, size_t n) { GUARD_VOID(C()->zero(p, n)); }
+static int g_axpy(float *y, const float *x, float a, size_t n, mr_err *e) {
+    if (record(&(rec){.k = R_AXPY, .p = {y, (void *)x}, .f = a, .z = {n}})) return MR_OK;
+    GUARD_RET(int, C()->axpy(y, x, a, n, e));
+}
+static void g_zero(void *p, size_t n) {
+    if (record(&(rec){.k = R_ZERO, .p = {p}, .z = {n}})) return;
+    GUARD_VOID(C()->zero(p, n));
+}
 static void g_copy2d(float *dst, size_t dp, const float *src, size_t sp, size_t w, size_t rows) {
+    if (record(&(rec){.k = R_COPY2D, .p = {dst, (void *)src}, .z = {dp, sp, w, rows}})) return;
     GUARD_VOID(C()->copy2d(dst, dp, src, sp, w, rows));
 }
 static void g_scale(float *x, float s, size_t n) { GUARD_VOID(C()->scale(x, s, n)); }
@@ -158,6 +220,7 @@ static int g_adamw_update(float *data, const float *grad, float *m, float *v, si
 static int g_grad_sumsq(double *s, const float *g, size_t n, mr_err *e) { GUARD_RET(int, C()->grad_sumsq(s, g, n, e)); }
 static void g_matmul_forward(float *y, const float *x, const float *w, int T, int in, int out, float beta,
                              mm_mode mode) {
+    if (record(&(rec){.k = R_MM, .p = {y, (void *)x, (void *)w}, .i = {T, in, out}, .f = beta, .mm = mode})) return;
     GUARD_VOID(C()->matmul_forward(y, x, w, T, in, out, beta, mode));
 }
 static void g_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w, int T, int in,
@@ -165,6 +228,7 @@ static void g_matmul_backward(float *dx, float *dw, const float *dy, const float
     GUARD_VOID(C()->matmul_backward(dx, dw, dy, x, w, T, in, out, mode));
 }
 static void g_rmsnorm_forward(float *out, float *rstd, const float *x, const float *g, int T, int Cn, float eps) {
+    if (record(&(rec){.k = R_RMS, .p = {out, rstd, (void *)x, (void *)g}, .i = {T, Cn}, .f = eps})) return;
     GUARD_VOID(C()->rmsnorm_forward(out, rstd, x, g, T, Cn, eps));
 }
 static void g_rmsnorm_backward(float *dx, float *dg, const float *dout, const float *x, const float *g,
@@ -172,6 +236,7 @@ static void g_rmsnorm_backward(float *dx, float *dg, const float *dout, const fl
     GUARD_VOID(C()->rmsnorm_backward(dx, dg, dout, x, g, rstd, T, Cn));
 }
 static void g_swiglu_forward(float *h, const float *gate, const float *up, int T, int I) {
+    if (record(&(rec){.k = R_SWIGLU, .p = {h, (void *)gate, (void *)up}, .i = {T, I}})) return;
     GUARD_VOID(C()->swiglu_forward(h, gate, up, T, I));
 }
 static void g_swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate, const float *up, int T,
@@ -179,6 +244,7 @@ static void g_swiglu_backward(float *dgate, float *dup, const float *dh, const f
     GUARD_VOID(C()->swiglu_backward(dgate, dup, dh, gate, up, T, I));
 }
 static void g_embedding_forward(float *out, const int32_t *ids, const float *table, int T, int Cn) {
+    if (record(&(rec){.k = R_EMB, .p = {out, (void *)ids, (void *)table}, .i = {T, Cn}})) return;
     GUARD_VOID(C()->embedding_forward(out, ids, table, T, Cn));
 }
 static void g_embedding_backward(float *dtable, const float *dout, const int32_t *ids, int T, int Cn) {
@@ -189,6 +255,7 @@ static double g_xent(float *loss, float *dlogits, const float *logits, const int
     GUARD_RET(double, C()->xent_forward_backward(loss, dlogits, logits, target, scale, T, V));
 }
 static void g_rope_forward(float *x, const int32_t *pos, int T, int nh, int rs, int hs, const rope_table *rt) {
+    if (record(&(rec){.k = R_ROPE, .p = {x, (void *)pos, (void *)rt}, .i = {T, nh, rs, hs}})) return;
     GUARD_VOID(C()->rope_forward(x, pos, T, nh, rs, hs, rt));
 }
 static void g_rope_backward(float *dx, const int32_t *pos, int T, int nh, int rs, int hs, const rope_table *rt) {
@@ -215,6 +282,8 @@ static int g_swa_backward(float *dq, float *dk, float *dv, const float *dout, co
 }
 static int g_moe_forward(float *out, moe_saved *s, moe_work *w, const float *x, const int32_t *replay,
                          const moe_params *p, const moe_cfg *c, int T, mr_err *e) {
+    if (record(&(rec){.k = R_MOE, .p = {out, s, w, (void *)x, (void *)replay, (void *)c}, .i = {T}, .mp = *p}))
+        return MR_OK;
     GUARD_RET(int, C()->moe_forward(out, s, w, x, replay, p, c, T, e));
 }
 static void g_moe_backward(float *dx, const moe_grads *g, moe_work *w, const float *dout, const float *daff,
@@ -232,11 +301,85 @@ static int g_mla_absorbed(float *out, float *lse, const float *q, const float *c
 }
 
 static void g_kv_append(const kv_row *rows, int layer, const float *cn, const float *kpe, int T, int rkv, int dr) {
+    if (record(&(rec){.k = R_KV_APPEND, .p = {(void *)rows, (void *)cn, (void *)kpe}, .i = {layer, T, rkv, dr}}))
+        return;
     GUARD_VOID(C()->kv_append(rows, layer, cn, kpe, T, rkv, dr));
 }
 static int g_mla_rows(float *out, float *lse, const float *q, const kv_row *rows, int layer, const float *w_kvb, int B,
                       int H, int dn, int dr, int dv, int rkv, float scale, int max_cap, mr_err *e) {
+    if (record(&(rec){.k = R_MLA_ROWS,
+                      .p = {out, lse, (void *)q, (void *)rows, (void *)w_kvb},
+                      .i = {layer, B, H, dn, dr, dv, rkv, max_cap},
+                      .f = scale}))
+        return MR_OK;
     GUARD_RET(int, C()->mla_rows(out, lse, q, rows, layer, w_kvb, B, H, dn, dr, dv, rkv, scale, max_cap, e));
+}
+
+/* One recorded op again, exactly as recorded. */
+static int replay(const rec *r, mr_err *e) {
+    const int *i = r->i;
+    void *const *p = r->p;
+    switch (r->k) {
+    case R_EMB: g_embedding_forward(p[0], p[1], p[2], i[0], i[1]); return MR_OK;
+    case R_RMS: g_rmsnorm_forward(p[0], p[1], p[2], p[3], i[0], i[1], r->f); return MR_OK;
+    case R_MM: g_matmul_forward(p[0], p[1], p[2], i[0], i[1], i[2], r->f, r->mm); return MR_OK;
+    case R_ROPE: g_rope_forward(p[0], p[1], i[0], i[1], i[2], i[3], p[2]); return MR_OK;
+    case R_COPY2D: g_copy2d(p[0], r->z[0], p[1], r->z[1], r->z[2], r->z[3]); return MR_OK;
+    case R_KV_APPEND: g_kv_append(p[0], i[0], p[1], p[2], i[1], i[2], i[3]); return MR_OK;
+    case R_MLA_ROWS:
+        return g_mla_rows(p[0], p[1], p[2], p[3], i[0], p[4], i[1], i[2], i[3], i[4], i[5], i[6], r->f, i[7], e);
+    case R_MOE: return g_moe_forward(p[0], p[1], p[2], p[3], p[4], &r->mp, p[5], i[0], e);
+    case R_AXPY: return g_axpy(p[0], p[1], r->f, r->z[0], e);
+    case R_SWIGLU: g_swiglu_forward(p[0], p[1], p[2], i[0], i[1]); return MR_OK;
+    case R_ZERO: g_zero(p[0], r->z[0]); return MR_OK;
+    }
+    return err_set(e, MR_EINTERNAL, "guarded graph: unknown op %d", (int)r->k);
+}
+
+typedef struct g_graph {
+    int state; /* as CUDA's: 0 new, 1 ran once, 2 captured, 3 not capturable */
+    rec *ops;
+    int n;
+} g_graph;
+
+static void g_graph_free(void *h) {
+    g_graph *g = h;
+    if (!g) return;
+    mem_free(g->ops);
+    mem_free(g);
+}
+
+static int g_graph_run(void **h, int (*body)(void *, mr_err *), void *ctx, int *replayed, mr_err *e) {
+    if (replayed) *replayed = 0;
+    g_graph *g = *h;
+    if (!g) {
+        if (!(g = mem_calloc(1, sizeof *g))) return body(ctx, e);
+        *h = g;
+    }
+    if (g->state == 1) { /* capture: the body's ops record themselves */
+        REC.on = 1, REC.failed = 0, REC.ops = NULL, REC.n = REC.cap = 0;
+        mr_err be = {0};
+        int brc = body(ctx, &be);
+        REC.on = 0;
+        if (brc || REC.failed) {
+            mem_free(REC.ops);
+            g->state = 3;
+        } else {
+            g->ops = REC.ops, g->n = REC.n, g->state = 2;
+        }
+        REC.ops = NULL;
+    }
+    if (g->state == 2) {
+        for (int k = 0; k < g->n; k++) {
+            int rc = replay(&g->ops[k], e);
+            if (rc) return err_prefix(e, "guarded graph, op %d of %d", k + 1, g->n);
+        }
+        if (replayed) *replayed = 1;
+        return MR_OK;
+    }
+    int rc = body(ctx, e);
+    if (rc == MR_OK && g->state == 0) g->state = 1;
+    return rc;
 }
 
 static const backend guarded_backend = {
@@ -277,6 +420,8 @@ static const backend guarded_backend = {
     .mla_rows = g_mla_rows,
     .det_absorbed = 1,
     .mem_stats = g_mem_stats,
+    .graph_run = g_graph_run,
+    .graph_free = g_graph_free,
 };
 
 const backend *backend_guarded(void) { return &guarded_backend; }
