@@ -14,7 +14,7 @@
 #define BE (m->be)
 
 /* Slots of m->st_i (device backends), T_max int32 each; the replay arrays follow. */
-enum { ST_IDS, ST_POS, ST_DOC, ST_TGT, ST_TGTK, ST_N };
+enum { ST_IDS, ST_POS, ST_DOC, ST_TGT, ST_TGTK, ST_HROW, ST_N };
 
 /* Saved activations of one block (an MLA attention + a dense or MoE FFN), for up to T_max rows. */
 struct layer_act {
@@ -125,6 +125,8 @@ static void point_experts(const float **dst, float *base, int E, size_t stride) 
     for (int x = 0; x < E; x++) dst[x] = base + (size_t)x * stride;
 }
 
+static void free_graphs(model *m);
+
 void model_free(model *m) {
     if (!m) return;
     if (m->acts)
@@ -139,11 +141,9 @@ void model_free(model *m) {
         if (m->dec_rows != m->dec_rows_h) m->be->free(m->dec_rows);
     }
     mem_free(m->dec_rows_h);
-    if (m->dec_graphs) {
-        for (int b = 0; b <= m->T_max; b++)
-            if (m->dec_graphs[b]) m->be->graph_free(m->dec_graphs[b]);
-        mem_free(m->dec_graphs);
-    }
+    if (m->be && m->be->graph_free) free_graphs(m);
+    mem_free(m->dec_graphs);
+    mem_free(m->mtp_graphs);
     mem_free(m->dev.replay);
     mem_free(m->logits_h);
     mem_free(m->mtp_logits_h);
@@ -1044,6 +1044,34 @@ static int decode_body(void *p, mr_err *e) {
     return MR_OK;
 }
 
+/* The graphs of one set given back (the handles stay allocated, empty). */
+static void free_set(model *m, void **set) {
+    for (int i = 0; set && i <= m->T_max; i++) {
+        BE->graph_free(set[i]);
+        set[i] = NULL;
+    }
+}
+
+static void free_graphs(model *m) {
+    free_set(m, m->dec_graphs);
+    free_set(m, m->mtp_graphs);
+}
+
+/* body for B staged rows: replayed as a graph (one per batch size in *set, captured for caches of capacity *cap)
+ * where the backend has graph_run. */
+static int run_step(model *m, void ***set, int *cap, int (*body)(void *, mr_err *), void *ctx, int B, mr_err *e) {
+    if (!BE->graph_run || m->opt.no_graphs) return body(ctx, e);
+    if (*cap != m->dec_cap) { /* the attention's scratch is sized by the capacity */
+        free_set(m, *set);
+        *cap = m->dec_cap;
+    }
+    if (!*set && !(*set = mem_calloc((size_t)m->T_max + 1, sizeof **set))) return body(ctx, e);
+    int replayed = 0;
+    int rc = BE->graph_run(&(*set)[B], body, ctx, &replayed, e);
+    m->graph_steps += replayed;
+    return rc;
+}
+
 int model_decode_rows(model *m, const int32_t *ids, model_kv *const *kv, const int32_t *off, int B, mr_err *e) {
     int rc = decode_positions(m, ids, kv, off, B, e);
     if (rc) return rc;
@@ -1054,32 +1082,47 @@ int model_decode_rows(model *m, const int32_t *ids, model_kv *const *kv, const i
     model_batch b = {.ids = ids, .pos = m->dec_pos, .T = B, .skip_mtp = 1};
     if ((rc = stage_batch(m, &b, m->dec_pos, e))) return rc;
     decode_ctx x = {m, kv, B};
-    if (BE->graph_run && !m->opt.no_graphs) {
-        if (m->dec_graphs && m->graph_cap != m->dec_cap) /* the attention's scratch is sized by the capacity */
-            for (int i = 0; i <= m->T_max; i++) {
-                BE->graph_free(m->dec_graphs[i]);
-                m->dec_graphs[i] = NULL;
-            }
-        m->graph_cap = m->dec_cap;
-        if (!m->dec_graphs) m->dec_graphs = mem_calloc((size_t)m->T_max + 1, sizeof *m->dec_graphs);
-    }
-    if (BE->graph_run && !m->opt.no_graphs && m->dec_graphs) {
-        int replayed = 0;
-        rc = BE->graph_run(&m->dec_graphs[B], decode_body, &x, &replayed, e);
-        m->graph_steps += replayed;
-    } else {
-        rc = decode_body(&x, e);
-    }
-    if (rc) return rc;
+    if ((rc = run_step(m, &m->dec_graphs, &m->graph_cap, decode_body, &x, B, e))) return rc;
     decode_advance(m, kv, B);
+    return MR_OK;
+}
+
+/* The device part of an MTP draft (module 1) whose rows are staged: as decode_body, one graph per batch size. */
+typedef struct mtp_ctx {
+    model *m;
+    model_kv *const *mtp;
+    const int32_t *hrow; /* as the ops see it */
+    int B;
+} mtp_ctx;
+
+static int mtp_body(void *p, mr_err *e) {
+    const mtp_ctx *x = p;
+    model *m = x->m;
+    const model_config *c = &m->p.cfg;
+    const int d = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers, B = x->B;
+    const float eps = (float)c->rms_norm_eps;
+    mtp_act *t = &m->mtp[0];
+    const layer_w *w = &m->p.w.layers[L];
+    const model_batch b = {.T = B, .skip_mtp = 1};
+    BE->embedding_forward(t->emb, m->dev.ids, m->p.w.embed, B, d);
+    BE->rmsnorm_forward(t->en, t->rstd_e, t->emb, w->enorm, B, d, eps);
+    /* gather the hidden rows: an embedding lookup in hfin (hkn is free until the head) */
+    BE->embedding_forward(t->hkn, x->hrow, m->hfin, B, d);
+    BE->rmsnorm_forward(t->hn, t->rstd_h, t->hkn, w->hnorm, B, d, eps);
+    /* [en ; hn], embedding first (§9.4) */
+    BE->copy2d(t->cat, 2 * (size_t)d, t->en, (size_t)d, (size_t)d, (size_t)B);
+    BE->copy2d(t->cat + d, 2 * (size_t)d, t->hn, (size_t)d, (size_t)d, (size_t)B);
+    BE->matmul_forward(t->x0, t->cat, w->eh_proj, B, 2 * d, d, 0, m->opt.mm);
+    int rc = block_forward(m, L, t->hk, t->x0, &b, B, x->mtp, e);
+    if (rc) return rc;
+    BE->rmsnorm_forward(t->hkn, t->rstd_k, t->hk, w->head_norm, B, d, eps);
+    BE->matmul_forward(t->logits, t->hkn, m->p.w.head, B, d, V, 0, m->opt.mm);
     return MR_OK;
 }
 
 int model_mtp_draft(model *m, const int32_t *ids, const int32_t *hrow, model_kv *const *mtp, const int32_t *off,
                     int B, mr_err *e) {
     const model_config *c = &m->p.cfg;
-    const int d = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
-    const float eps = (float)c->rms_norm_eps;
     if (c->num_nextn_predict_layers < 1)
         return err_set(e, MR_EINVAL, "model: MTP draft on a model without MTP modules (num_nextn_predict_layers 0)");
     int rc = decode_positions(m, ids, mtp, off, B, e);
@@ -1087,28 +1130,16 @@ int model_mtp_draft(model *m, const int32_t *ids, const int32_t *hrow, model_kv 
     for (int i = 0; i < B; i++)
         if (hrow[i] < 0 || hrow[i] >= m->T_max)
             return err_set(e, MR_ERANGE, "model: MTP draft row %d: hidden row %d outside 0..%d", i, hrow[i], m->T_max - 1);
-    mtp_act *t = &m->mtp[0];
-    const layer_w *w = &m->p.w.layers[L];
     model_batch b = {.ids = ids, .pos = m->dec_pos, .T = B, .skip_mtp = 1};
     /* the main logits and experts of the latest step stay valid: only the batch is staged */
     const int keep_l = m->logits_h_ok, keep_x = m->experts_h_ok;
-    if ((rc = stage_batch(m, &b, m->dec_pos, e))) return err_prefix(e, "MTP draft");
+    mtp_ctx x = {m, mtp, NULL, B};
+    if ((rc = stage_batch(m, &b, m->dec_pos, e)) || (rc = stage_i32(m, &x.hrow, ST_HROW, hrow, (size_t)B, e)))
+        return err_prefix(e, "MTP draft");
     m->logits_h_ok = keep_l;
     m->experts_h_ok = keep_x;
-    BE->embedding_forward(t->emb, m->dev.ids, m->p.w.embed, B, d);
-    BE->rmsnorm_forward(t->en, t->rstd_e, t->emb, w->enorm, B, d, eps);
-    for (int i = 0; i < B; i++) /* gather the hidden rows (hkn is free until the head) */
-        copy_f(m, t->hkn + (size_t)i * d, m->hfin + (size_t)hrow[i] * d, (size_t)d);
-    BE->rmsnorm_forward(t->hn, t->rstd_h, t->hkn, w->hnorm, B, d, eps);
-    /* [en ; hn], embedding first (§9.4) */
-    BE->copy2d(t->cat, 2 * (size_t)d, t->en, (size_t)d, (size_t)d, (size_t)B);
-    BE->copy2d(t->cat + d, 2 * (size_t)d, t->hn, (size_t)d, (size_t)d, (size_t)B);
-    BE->matmul_forward(t->x0, t->cat, w->eh_proj, B, 2 * d, d, 0, m->opt.mm);
     m->mtp_T = B;
-    rc = block_forward(m, L, t->hk, t->x0, &b, B, mtp, e);
-    if (rc) return err_prefix(e, "MTP draft");
+    if ((rc = run_step(m, &m->mtp_graphs, &m->mtp_graph_cap, mtp_body, &x, B, e))) return err_prefix(e, "MTP draft");
     decode_advance(m, mtp, B);
-    BE->rmsnorm_forward(t->hkn, t->rstd_k, t->hk, w->head_norm, B, d, eps);
-    BE->matmul_forward(t->logits, t->hkn, m->p.w.head, B, d, V, 0, m->opt.mm);
     return MR_OK;
 }

@@ -101,7 +101,8 @@ typedef struct model {
     kv_row *dec_rows_h;     /* (T_max) the same in host memory (dec_rows itself on the CPU) */
     int dec_cap;            /* the largest cache capacity among them */
     void **dec_graphs;      /* (T_max + 1) per batch size: the backend's graph of a main decode step (graph_run) */
-    int graph_cap;          /* the dec_cap those graphs were captured for */
+    void **mtp_graphs;      /* the same for MTP drafts */
+    int graph_cap, mtp_graph_cap; /* the dec_cap each set was captured for */
     int64_t graph_steps;    /* decode steps that ran as a replayed graph */
     /* Device backends: the batch's integer arrays and per-row scales copied into the backend's memory before the
      * ops read them (on the CPU the host arrays are used as they are), and host copies of what callers read. */

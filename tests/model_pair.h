@@ -210,8 +210,9 @@ static void mp_prefill_decode(const backend *be, double tol) {
             next[j] = (int32_t)((next[j] * 7 + step) % V);
         }
     }
-    if (be->graph_run) /* step 0 runs directly, step 1 is captured and launched, step 2 replayed */
-        cr_assert_geq(mg.graph_steps, 2, "only %lld decode steps ran as graphs", (long long)mg.graph_steps);
+    if (be->graph_run) /* decode and draft: step 0 runs directly, step 1 is captured and launched, step 2 replayed */
+        cr_assert_eq(mg.graph_steps, 4, "%lld decode steps and drafts ran as graphs, expected 4",
+                     (long long)mg.graph_steps);
     for (int w = 0; w < 2; w++)
         for (int i = 0; i < 4; i++) bs[w]->free(mem[w][i]);
     model_free(&mc);

@@ -114,6 +114,19 @@ static void run_both(const char *cmd, const char *ckpt) {
         cr_assert_str_eq(ga, gb, "generate differs between cpu and cpu-guarded");
         free(ga);
         free(gb);
+        /* MTP speculative decoding (drafts and verifications replayed as graphs on the guarded backend) */
+        snprintf(line, sizeof line,
+                 "%s generate --model %s/out/%s --prompt 'Q: 5+2' -n 4 --seed 3 --max-new-tokens 12 --mtp-speculative",
+                 tu_bin(), a, ckpt);
+        char *sa = NULL, *sb = NULL, cmd2[9000];
+        snprintf(cmd2, sizeof cmd2, "%s 2>/dev/null", line);
+        cr_assert_eq(tu_run(cmd2, &sa), 0, "%s", sa);
+        snprintf(cmd2, sizeof cmd2, "%s --device cpu-guarded 2>/dev/null", line);
+        cr_assert_eq(tu_run(cmd2, &sb), 0, "%s", sb);
+        cr_assert(strstr(sa, "--- sample 3"), "%s", sa);
+        cr_assert_str_eq(sa, sb, "speculative generate differs between cpu and cpu-guarded");
+        free(sa);
+        free(sb);
     }
     tu_rmtree(a);
     tu_rmtree(b);
