@@ -320,7 +320,8 @@ static moe_params layer_moe_params(const model *m, int l) {
 
 /* ------------------------------------------------------------------------------------------ forward */
 
-/* 1 when model_forward computes attention in the absorbed form (see model.h): MM_DET on the CPU, no sliding window. */
+/* 1 when model_forward computes attention in the absorbed form (see model.h): MM_DET on a backend with det_absorbed
+ * (the CPU, CUDA), no sliding window. */
 static int absorbed_attention(const model *m) {
     return m->opt.mm == MM_DET && !m->opt.attn_naive && m->be->det_absorbed && m->be->mla_absorbed &&
            m->p.cfg.moerl_swa_window <= 0;
@@ -381,7 +382,7 @@ static int block_forward(model *m, int l, float *y, const float *x, const model_
         /* §5.6 absorbed form, one "sequence" per row: a decode row reads its cache (after appending its own entry),
          * a training row its document's rows doc_start[t]..t of this batch. Identical arithmetic either way. */
         int rc;
-        if (cache) { /* the step's rows (m->dec_rows, staged by stage_rows): append, then attend */
+        if (cache) { /* the step's rows (m->dec_rows, staged by decode_positions): append, then attend */
             if (!BE->kv_append || !BE->mla_rows)
                 return err_set(e, MR_EDEVICE,
                                "model: attention over the latent KV cache is not implemented on backend '%s'",
