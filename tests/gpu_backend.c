@@ -116,6 +116,25 @@ Test(gpu, optimizer_entries_match_cpu) {
     gpu->free(dw), gpu->free(dg), gpu->free(dm), gpu->free(dv);
     free(w), free(g), free(m), free(v);
 }
+Test(gpu, device_info_and_memory_stats) {
+    mr_err e = {0};
+    backend_device_info di;
+    cr_assert_not_null(gpu->device_info);
+    cr_assert_eq(gpu->device_info(&di, &e), MR_OK, "%s", e.msg);
+    cr_assert(di.name[0] && strstr(di.name, "SMs"), "name: %s", di.name);
+    cr_assert(di.peak_fp32_flops > 1e12 && di.mem_bw > 1e11 && di.mem_total > ((size_t)1 << 30),
+              "%s: fp32 %g FLOP/s, %g B/s, %zu bytes", di.name, di.peak_fp32_flops, di.mem_bw, di.mem_total);
+    if (strstr(di.name, "H100") || strstr(di.name, "H200"))
+        cr_assert(di.peak_bf16_flops > 7e14, "%s: bf16 peak %g", di.name, di.peak_bf16_flops);
+    size_t used0, peak0, used1, peak1;
+    gpu->mem_stats(&used0, &peak0);
+    void *p = gpu->alloc((size_t)256 << 20);
+    cr_assert_not_null(p);
+    gpu->mem_stats(&used1, &peak1);
+    cr_assert(used1 >= used0 + ((size_t)256 << 20) && peak1 >= used1, "in use %zu -> %zu, peak %zu", used0, used1,
+              peak1);
+    gpu->free(p);
+}
 #endif
 
 int main(int argc, char **argv) { return gpu_test_main(argc, argv, "gpu_backend"); }
