@@ -1,0 +1,2 @@
+/* cublas_v2.h for the CPU emulation of CUDA: everything is in cuemu.h. */
+#include "../cuemu.h"

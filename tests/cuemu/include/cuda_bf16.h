@@ -1,0 +1,2 @@
+/* cuda_bf16.h for the CPU emulation of CUDA: everything is in cuemu.h. */
+#include "../cuemu.h"
