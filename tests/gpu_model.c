@@ -3,8 +3,16 @@
  *
  * Tolerances (norm-wise relative error, every element finite): fp32 (MM_DET, the exact kernels, and MM_FAST with
  * cuBLAS fp32) 1e-4 end to end through three layers, flash attention and MoE (each op alone is held to 1e-5 in
- * gpu_model_ops.c); bf16 GEMMs 2e-2. The routing must pick the same experts as on the CPU (a random model at this
- * seed has no near-ties; a flipped expert would show as a large error anyway). */
+ * gpu_model_ops.c); the routing must pick the same experts as on the CPU (a random model at this seed has no
+ * near-ties in fp32; a flipped expert would show as a large error anyway).
+ *
+ * bf16 GEMMs (each GEMM alone within 1e-2 in gpu_ops.c): this random model (weights of std 0.3, three layers) is far
+ * from a trained one, and bf16 rounding of every GEMM input flips router near-ties and grows through the backward.
+ * Measured on the CPU emulation (tests/cuemu, which rounds the GEMM inputs to bf16 exactly and accumulates in fp32,
+ * as cuBLAS's COMPUTE_32F does): with the CPU's routing replayed, losses within 0.3%, the gradient within 7.4%
+ * norm-wise; rounding to 8, 10, 13 mantissa bits instead of bf16's 7 gives 2.1%, 0.70%, 0.085%, so that error is
+ * the rounding's, not a fault. Without replay one of the layers routes a token elsewhere. The bf16 test therefore
+ * replays the CPU's routing and bounds losses by 1e-2 and gradients by 0.15. */
 #include <criterion/criterion.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,16 +27,16 @@
 
 TestSuite(gpu_model, .init = gpu_setup);
 
-Test(gpu_model, training_step_and_optimizer_match_the_cpu_fp32_exact_gemm) { mp_train_step(gpu, MM_DET, 1e-5, 1e-4); }
+Test(gpu_model, training_step_and_optimizer_match_the_cpu_fp32_exact_gemm) { mp_train_step(gpu, MM_DET, 1e-5, 1e-4, 0); }
 
 Test(gpu_model, training_step_and_optimizer_match_the_cpu_cublas_fp32) {
     dense_cuda_set_bf16(0);
-    mp_train_step(gpu, MM_FAST, 1e-5, 1e-4);
+    mp_train_step(gpu, MM_FAST, 1e-5, 1e-4, 0);
 }
 
 Test(gpu_model, training_step_and_optimizer_match_the_cpu_cublas_bf16) {
     dense_cuda_set_bf16(1);
-    mp_train_step(gpu, MM_FAST, 1e-2, 2e-2);
+    mp_train_step(gpu, MM_FAST, 1e-2, 0.15, 1);
     dense_cuda_set_bf16(0);
 }
 

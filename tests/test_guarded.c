@@ -61,7 +61,7 @@ Test(guarded, ops_and_copies_work_and_memory_comes_back) {
 
 static void train_step_equal(mm_mode mm) {
     size_t before = guarded_bytes_in_use();
-    mp_train_step(G(), mm, 0, 0);
+    mp_train_step(G(), mm, 0, 0, 0);
     cr_assert_eq(guarded_bytes_in_use(), before, "the model and optimizer gave their memory back");
 }
 

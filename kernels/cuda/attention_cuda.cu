@@ -418,7 +418,11 @@ extern "C" int cuda_attention_swa_backward(float *, float *, float *, const floa
 // ---------------------------------------------------------------------------------------------- absorbed decode
 
 #define MLA_THREADS 128
+#ifdef MOERL_CUEMU // the CPU emulation (tests/cuemu): small, so that its tests reach several chunks at small sizes
+#define MLA_SCORES_MAX ((size_t)4096)
+#else
 #define MLA_SCORES_MAX ((size_t)16 << 20) // floats of score scratch per launch of cuda_mla_absorbed (64 MiB)
+#endif
 #define MLA_WARPS (MLA_THREADS / 32)
 
 // Block-wide reduction of one value per warp (lane-uniform after warp_max / warp_sum) in warp order.

@@ -193,6 +193,7 @@ struct block_run {
     const std::function<void()> *body;
     std::vector<fiber> f;
     int nthreads, live, at_bar;
+    std::vector<unsigned> waiting, done; // per warp: lanes waiting in a warp op; lanes that exited
     fctx sched;
     char *stacks;
     size_t stacks_len;
@@ -307,29 +308,30 @@ uint64_t cuemu_warp_op(int kind, unsigned mask, uint64_t bits, int arg, int widt
         die("%s: %s width %d is not a power of two <= 32", buf, kind_name(kind), width);
     }
     f->kind = kind, f->mask = mask, f->val = bits, f->arg = arg, f->width = width, f->state = F_WARP;
-    const int w0 = f->warp * 32;
-    int ready = 1;
-    for (int l = 0; l < 32; l++) {
-        if (!(mask >> l & 1u)) continue;
-        if (w0 + l >= b->nthreads) {
-            where(f, buf, sizeof buf);
-            die("%s: %s with mask %#x names lane %d, past the block's %d threads", buf, kind_name(kind), mask, l,
-                b->nthreads);
-        }
-        fiber *x = &b->f[(size_t)w0 + l];
-        if (x->state == F_DONE) {
-            where(f, buf, sizeof buf);
-            die("%s: %s with mask %#x names lane %d, which has exited (undefined on a GPU)", buf, kind_name(kind),
-                mask, l);
-        }
-        if (x->state == F_WARP && (x->mask != mask || x->kind != kind)) {
+    const int w = f->warp, w0 = w * 32;
+    const int nl = b->nthreads - w0 < 32 ? b->nthreads - w0 : 32;
+    const unsigned present = nl == 32 ? 0xffffffffu : (1u << nl) - 1u;
+    if (mask & ~present) {
+        where(f, buf, sizeof buf);
+        die("%s: %s with mask %#x names lanes past the block's %d threads", buf, kind_name(kind), mask, b->nthreads);
+    }
+    if (mask & b->done[(size_t)w]) {
+        where(f, buf, sizeof buf);
+        die("%s: %s with mask %#x names lane %d, which has exited (undefined on a GPU)", buf, kind_name(kind), mask,
+            __builtin_ctz(mask & b->done[(size_t)w]));
+    }
+    const unsigned others = mask & b->waiting[(size_t)w];
+    if (others) { // every lane already waiting was checked against the first one on its arrival
+        const fiber *x = &b->f[(size_t)w0 + __builtin_ctz(others)];
+        if (x->mask != mask || x->kind != kind) {
             where(f, buf, sizeof buf);
             die("%s: %s with mask %#x meets lane %d waiting in %s with mask %#x (divergent warp operations)", buf,
-                kind_name(kind), mask, l, kind_name(x->kind), x->mask);
+                kind_name(kind), mask, x->lane, kind_name(x->kind), x->mask);
         }
-        if (x->state != F_WARP) ready = 0;
     }
-    if (ready) {
+    b->waiting[(size_t)w] |= 1u << f->lane;
+    if ((b->waiting[(size_t)w] & mask) == mask) {
+        b->waiting[(size_t)w] &= ~mask;
         fire_warp(b, w0, mask);
         f->state = F_RUN;
         return f->res;
@@ -344,6 +346,16 @@ static void fiber_main(void) {
     f->state = F_DONE;
     block_run *b = cur_block;
     b->live--;
+    b->done[(size_t)f->warp] |= 1u << f->lane;
+    if (unsigned wl = b->waiting[(size_t)f->warp]) { // a lane waits for a warp op that names this one: never fires
+        const fiber *x = &b->f[(size_t)f->warp * 32 + __builtin_ctz(wl)];
+        if (x->mask >> f->lane & 1u) {
+            char buf[200];
+            where(x, buf, sizeof buf);
+            die("%s: waits in %s with mask %#x for lane %d, which has exited (undefined on a GPU)", buf,
+                kind_name(x->kind), x->mask, f->lane);
+        }
+    }
     if (b->at_bar > 0 && b->at_bar == b->live) release_bar(b); // exited threads count as arrived
 #ifdef CUEMU_ASM_SWITCH
     switch_to(&f->ctx, &b->sched); // never resumed
@@ -355,7 +367,8 @@ static void fiber_main(void) {
 static void start_fiber(fiber *f, char *stack, size_t len, fctx *sched) {
 #ifdef CUEMU_ASM_SWITCH
     (void)sched;
-    uintptr_t top = ((uintptr_t)stack + len) & ~(uintptr_t)15;
+    // Tops staggered by cache lines: stacks a power of two apart would all map to the same cache sets.
+    uintptr_t top = ((uintptr_t)stack + len - (uintptr_t)(f->lane + 32 * (f->warp % 4)) * 64 * 5 % 4096) & ~(uintptr_t)15;
     void **sp = (void **)top;
     *--sp = NULL;                      // fiber_main's return address slot: it never returns
     *--sp = (void *)&fiber_main;       // cuemu_switch's ret lands here with rsp = 8 mod 16, as after a call
@@ -413,6 +426,8 @@ static void run_block(const char *name, const std::function<void()> &body, dim3 
     b.smem.assign((smem + sizeof(float) - 1) / sizeof(float) + 1, NAN); // never written: NaN
     b.smem_bytes = smem;
     b.f.resize((size_t)n);
+    b.waiting.assign((size_t)(n + 31) / 32, 0u);
+    b.done.assign((size_t)(n + 31) / 32, 0u);
     for (int i = 0; i < n; i++) {
         fiber &f = b.f[(size_t)i];
         f.ids.threadIdx = {(unsigned)i % block.x, ((unsigned)i / block.x) % block.y, (unsigned)i / (block.x * block.y)};
