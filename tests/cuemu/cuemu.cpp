@@ -6,7 +6,7 @@
 // it exits or waits at a barrier; the last thread to arrive completes the barrier and wakes the others. When no
 // fiber can run and some have not exited, the block has deadlocked: reported with each thread's state, then abort.
 //
-// Memory: each cudaMalloc is its own mapping, the buffer placed so that it ends (rounded up to 256 bytes) at a
+// Memory: each cudaMalloc is its own mapping, the buffer placed so that it ends (rounded up to 16 bytes) at a
 // PROT_NONE guard page. The buffers are PROT_NONE too (CUEMU_PROTECT=0 turns that off): inside a kernel, copy or
 // cuBLAS call the first touch of a buffer faults, and the SIGSEGV handler opens that buffer (mprotect) until the
 // call ends; anywhere else the fault is a host dereference of device memory. A fault in a guard page, outside device
@@ -499,10 +499,14 @@ static void run_grid(const char *name, const std::function<void()> &body, dim3 g
                  bz = (unsigned)(i / ((unsigned long long)grid.x * grid.y));
         run_block(name, body, grid, block, smem, bx, by, bz);
     };
+    // Blocks run last first (CUEMU_ORDER=forward: first first): a GPU tends to start them in order, so a kernel
+    // whose result depends on which block writes last shows it here.
+    static int forward = -1;
+    if (forward < 0) forward = getenv("CUEMU_ORDER") && !strcmp(getenv("CUEMU_ORDER"), "forward");
     int nw = workers();
     if (nw <= 1 || nb < 2) {
         running_kernel = name;
-        for (unsigned long long i = 0; i < nb; i++) one(i);
+        for (unsigned long long i = 0; i < nb; i++) one(forward ? i : nb - 1 - i);
         running_kernel = NULL;
     } else {
         std::atomic<unsigned long long> next(0);
@@ -510,7 +514,7 @@ static void run_grid(const char *name, const std::function<void()> &body, dim3 g
         for (int w = 0; w < nw; w++)
             th.emplace_back([&]() {
                 running_kernel = name;
-                for (unsigned long long i; (i = next++) < nb;) one(i);
+                for (unsigned long long i; (i = next++) < nb;) one(forward ? i : nb - 1 - i);
             });
         for (auto &t : th) t.join();
     }
@@ -698,7 +702,9 @@ cudaError_t cudaMalloc(void **p, size_t n) {
     *p = NULL;
     if (refuse_in_capture()) return fail(cudaErrorStreamCaptureUnsupported);
     if (n == 0) return cudaSuccess;
-    const size_t rounded = (n + 255) / 256 * 256;
+    // Rounded to 16 bytes only (cudaMalloc promises 256): an overrun past a float buffer of a multiple of 4 floats
+    // lands in the guard page at once.
+    const size_t rounded = (n + 15) / 16 * 16;
     const size_t data_len = (rounded + page - 1) / page * page;
     char *m = (char *)mmap(NULL, data_len + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) return fail(cudaErrorMemoryAllocation);

@@ -43,7 +43,6 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __noinline__ __attribute__((noinline))
 #define __shared__ static thread_local /* blocks run one at a time per OS thread */
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
