@@ -1,6 +1,6 @@
 /* cuemu.h: a CPU emulation of the CUDA execution model, for checking kernels/cuda on machines without a GPU.
  *
- * The CUDA backend's sources (the .cu files of kernels/cuda) are compiled as C++ against this header (cmake -DMOERL_CUDA_EMU=ON;
+ * The CUDA backend's sources (the .cu files of kernels/cuda) are compiled as C++ against this header (moerl_emu_lib;
  * tests/cuemu/translate.cmake rewrites `k<<<grid, block, smem>>>(args)` into `cuemu_launch(k, "k", grid, block,
  * smem)(args)` and `extern __shared__ T a[];` into a pointer to the block's dynamic shared memory). Each CUDA thread
  * is a fiber; __syncthreads and the warp intrinsics (__shfl*_sync, __any_sync, __ballot_sync) are real barriers over

@@ -1,4 +1,4 @@
-// test_cuemu.cu: the CPU emulation of CUDA checked against itself (built only with -DMOERL_CUDA_EMU=ON, label
+// test_cuemu.cu: the CPU emulation of CUDA checked against itself (built with moerl_emu_lib, label
 // cuemu): what a correct kernel gives, and that each fault the emulation claims to catch is caught (planted bugs:
 // an overrun, a host dereference of device memory, warp ops over exited or missing lanes, a deadlock, a missing
 // barrier, too much shared memory, a synchronizing call inside a graph capture, a bad cuBLAS leading dimension).
