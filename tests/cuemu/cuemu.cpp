@@ -784,25 +784,30 @@ cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind
     return cudaSuccess;
 }
 
+// An asynchronous copy or memset: run now, or recorded into the capture. A copy from or to host memory inside a
+// capture is refused (pageable host memory in a graph; moerl's decode steps avoid it) and invalidates it.
+static cudaError_t enqueue(const char *name, cudaMemcpyKind kind, std::function<void()> op) {
+    if (!capturing) {
+        op();
+        return cudaSuccess;
+    }
+    if (kind != cudaMemcpyDeviceToDevice) {
+        capture_invalidated = 1;
+        return fail(cudaErrorStreamCaptureUnsupported);
+    }
+    record(name, std::move(op));
+    return cudaSuccess;
+}
+
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind kind, cudaStream_t s) {
     (void)s;
     cudaError_t e = copy_checked("cudaMemcpyAsync", dst, src, n, kind);
     if (e) return e;
-    auto op = [dst, src, n]() {
+    return enqueue("cudaMemcpyAsync", kind, [dst, src, n]() {
         mem_open();
         memmove(dst, src, n);
         mem_close();
-    };
-    if (capturing) {
-        if (kind != cudaMemcpyDeviceToDevice) { // pageable host memory in a graph: refused here, as moerl avoids it
-            capture_invalidated = 1;
-            return fail(cudaErrorStreamCaptureUnsupported);
-        }
-        record("cudaMemcpyAsync", op);
-    } else {
-        op();
-    }
-    return cudaSuccess;
+    });
 }
 
 cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t rows,
@@ -815,36 +820,21 @@ cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t 
     int sd = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
     if (!check_side("cudaMemcpy2DAsync", dst, dn, dd) || !check_side("cudaMemcpy2DAsync", src, sn, sd))
         return fail(cudaErrorInvalidValue);
-    auto op = [=]() {
+    return enqueue("cudaMemcpy2DAsync", kind, [=]() {
         mem_open();
         for (size_t r = 0; r < rows; r++) memmove((char *)dst + r * dpitch, (const char *)src + r * spitch, width);
         mem_close();
-    };
-    if (capturing) {
-        if (kind != cudaMemcpyDeviceToDevice) {
-            capture_invalidated = 1;
-            return fail(cudaErrorStreamCaptureUnsupported);
-        }
-        record("cudaMemcpy2DAsync", op);
-    } else {
-        op();
-    }
-    return cudaSuccess;
+    });
 }
 
 cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s) {
     (void)s;
     if (!check_side("cudaMemsetAsync", p, n, 1)) return fail(cudaErrorInvalidValue);
-    auto op = [p, v, n]() {
+    return enqueue("cudaMemsetAsync", cudaMemcpyDeviceToDevice, [p, v, n]() {
         mem_open();
         memset(p, v, n);
         mem_close();
-    };
-    if (capturing)
-        record("cudaMemsetAsync", op);
-    else
-        op();
-    return cudaSuccess;
+    });
 }
 
 cudaError_t cudaMemset(void *p, int v, size_t n) {
