@@ -217,17 +217,46 @@ static inline int atomicMax(int *p, int v) {
     return old;
 }
 
-// IEEE single operations, one rounding each (the emulation is built with -ffp-contract=off).
-static inline float __fadd_rn(float a, float b) { return a + b; }
-static inline float __fsub_rn(float a, float b) { return a - b; }
-static inline float __fmul_rn(float a, float b) { return a * b; }
+// The __*_rn intrinsics: one IEEE rounding each, and never merged into a fused multiply-add, as nvcc promises. The
+// emulation is built like nvcc's default (--fmad=true): with -ffp-contract=fast and FMA instructions where the
+// build machine has them, so plain a*b+c in device code is fused here as on a GPU; the empty asm makes each
+// intrinsic's operands and result opaque, so the compiler cannot fuse across one.
+#if defined(__x86_64__)
+#define CUEMU_OPAQUE(v) __asm__("" : "+x"(v))
+#else
+#define CUEMU_OPAQUE(v) __asm__("" : "+w"(v))
+#endif
+template <typename T> static inline T cuemu_rn_add(T a, T b) {
+    CUEMU_OPAQUE(a);
+    CUEMU_OPAQUE(b);
+    T r = a + b;
+    CUEMU_OPAQUE(r);
+    return r;
+}
+template <typename T> static inline T cuemu_rn_sub(T a, T b) {
+    CUEMU_OPAQUE(a);
+    CUEMU_OPAQUE(b);
+    T r = a - b;
+    CUEMU_OPAQUE(r);
+    return r;
+}
+template <typename T> static inline T cuemu_rn_mul(T a, T b) {
+    CUEMU_OPAQUE(a);
+    CUEMU_OPAQUE(b);
+    T r = a * b;
+    CUEMU_OPAQUE(r);
+    return r;
+}
+static inline float __fadd_rn(float a, float b) { return cuemu_rn_add(a, b); }
+static inline float __fsub_rn(float a, float b) { return cuemu_rn_sub(a, b); }
+static inline float __fmul_rn(float a, float b) { return cuemu_rn_mul(a, b); }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __fsqrt_rn(float a) { return sqrtf(a); }
 static inline float __frcp_rn(float a) { return 1.0f / a; }
 static inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
-static inline double __dadd_rn(double a, double b) { return a + b; }
-static inline double __dsub_rn(double a, double b) { return a - b; }
-static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline double __dadd_rn(double a, double b) { return cuemu_rn_add(a, b); }
+static inline double __dsub_rn(double a, double b) { return cuemu_rn_sub(a, b); }
+static inline double __dmul_rn(double a, double b) { return cuemu_rn_mul(a, b); }
 static inline double __ddiv_rn(double a, double b) { return a / b; }
 static inline unsigned __float_as_uint(float f) { return cuemu_unbits<unsigned>(cuemu_bits(f)); }
 static inline float __uint_as_float(unsigned u) { return cuemu_unbits<float>(cuemu_bits(u)); }
