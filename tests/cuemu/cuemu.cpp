@@ -14,6 +14,10 @@
 // overran, then the process dies.
 #include "cuemu.h"
 
+#undef expf
+#undef logf
+#undef log
+#undef cos
 #undef threadIdx
 #undef blockIdx
 #undef blockDim
@@ -202,6 +206,7 @@ struct block_run {
 };
 
 thread_local const cuemu_ids *cuemu_cur;
+int cuemu_libm_jitter = !(getenv("CUEMU_LIBM") && !strcmp(getenv("CUEMU_LIBM"), "exact"));
 static thread_local block_run *cur_block;
 static thread_local fiber *cur_fiber;
 
