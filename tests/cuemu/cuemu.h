@@ -15,8 +15,10 @@
  *     cudaGraphLaunch; a synchronizing call (cudaMemcpy, cudaMalloc, cudaFree, cudaDeviceSynchronize) inside a
  *     capture invalidates it, as on a GPU;
  *   - cuBLAS argument errors (leading dimensions, pointers that are not device memory or too short).
- * What it cannot say: anything about real-GPU numerics (device expf, cuBLAS's summation order, tensor cores) or
- * speed; memory-model races between threads that do not meet at a barrier run in a fixed order here. */
+ * And it does not give the CPU's bits where a GPU would not: a*b+c in device code is fused into an FMA as nvcc
+ * does (the __*_rn intrinsics never are), expf/logf/log/cos are off glibc's bits by up to an ulp, and the GEMMs sum
+ * in a shape-dependent order (cuemu.cpp). It cannot say what a GPU's own results are, nor anything of speed;
+ * threads that do not meet at a barrier run in one fixed order here, so a race between them may go unseen. */
 #ifndef MOERL_TESTS_CUEMU_H
 #define MOERL_TESTS_CUEMU_H
 
