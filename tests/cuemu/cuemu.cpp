@@ -410,8 +410,10 @@ struct worker {
 };
 static thread_local worker wk;
 
+// Threads run first to last (down = 0) or last to first (down = 1) between barriers: "thread 0 writes, the others
+// read" without a barrier is caught going down, "each reads its neighbour's slot" going up.
 static void run_block(const char *name, const std::function<void()> &body, dim3 grid, dim3 block, size_t smem,
-                      unsigned bx, unsigned by, unsigned bz) {
+                      unsigned bx, unsigned by, unsigned bz, int down) {
     const int n = (int)(block.x * block.y * block.z);
     size_t need = (size_t)n * CUEMU_STACK;
     if (wk.stacks_len < need) {
@@ -449,7 +451,8 @@ static void run_block(const char *name, const std::function<void()> &body, dim3 
     cur_block = &b;
     for (;;) {
         int ran = 0, done = 0;
-        for (int i = 0; i < n; i++) {
+        for (int j = 0; j < n; j++) {
+            const int i = down ? n - 1 - j : j;
             fiber &f = b.f[(size_t)i];
             if (f.state == F_DONE) {
                 done++;
@@ -495,13 +498,15 @@ static int workers(void) {
 
 static thread_local const char *running_kernel; // for the fault handler
 
+static std::atomic<unsigned long long> grids_run;
+
 static void run_grid(const char *name, const std::function<void()> &body, dim3 grid, dim3 block, size_t smem) {
     mem_open();
-    const unsigned long long nb = (unsigned long long)grid.x * grid.y * grid.z;
-    auto one = [&](unsigned long long i) {
+    const unsigned long long nb = (unsigned long long)grid.x * grid.y * grid.z, launch = grids_run++;
+    auto one = [&](unsigned long long i) { // thread order alternates between blocks, and between launches
         unsigned bx = (unsigned)(i % grid.x), by = (unsigned)((i / grid.x) % grid.y),
                  bz = (unsigned)(i / ((unsigned long long)grid.x * grid.y));
-        run_block(name, body, grid, block, smem, bx, by, bz);
+        run_block(name, body, grid, block, smem, bx, by, bz, (int)((i + launch) & 1));
     };
     // Blocks run last first (CUEMU_ORDER=forward: first first): a GPU tends to start them in order, so a kernel
     // whose result depends on which block writes last shows it here.

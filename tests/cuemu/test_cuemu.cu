@@ -126,15 +126,35 @@ __global__ static void missing_barrier_kernel(float *out) {
     extern __shared__ float buf[];
     buf[threadIdx.x] = (float)threadIdx.x;
     // planted: no __syncthreads() here
-    out[threadIdx.x] = buf[(threadIdx.x + 1) % blockDim.x];
+    out[blockIdx.x * blockDim.x + threadIdx.x] = buf[(threadIdx.x + 1) % blockDim.x];
 }
 
-Test(cuemu, a_missing_barrier_reads_nan) { // threads run until they block: thread 0 reads before thread 1 writes
-    float *out = dalloc(64), h[64];
-    missing_barrier_kernel<<<1, 64, 64 * sizeof(float)>>>(out);
+__global__ static void missing_broadcast_barrier_kernel(float *out) {
+    __shared__ float s;
+    if (threadIdx.x == 0) s = 2.0f * (float)blockIdx.x + 1.0f;
+    // planted: no __syncthreads() here
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+}
+
+// Threads run to their next barrier one after another, first to last in one block and last to first in the next:
+// both shapes of a missing barrier show in a two-block launch.
+static int wrong_count(void (*launch)(float *), float (*want)(int b, int t)) {
+    float *out = dalloc(128), h[128];
+    launch(out);
     cudaMemcpy(h, out, sizeof h, cudaMemcpyDeviceToHost);
-    cr_assert(isnan(h[0]), "thread 0 read %g", h[0]);
     cudaFree(out);
+    int wrong = 0;
+    for (int i = 0; i < 128; i++) wrong += !(h[i] == want(i / 64, i % 64));
+    return wrong;
+}
+static void launch_neighbour(float *out) { missing_barrier_kernel<<<2, 64, 64 * sizeof(float)>>>(out); }
+static float want_neighbour(int b, int t) { return (void)b, (float)((t + 1) % 64); }
+static void launch_broadcast(float *out) { missing_broadcast_barrier_kernel<<<2, 64>>>(out); }
+static float want_broadcast(int b, int t) { return (void)t, 2.0f * (float)b + 1.0f; }
+
+Test(cuemu, a_missing_barrier_reads_what_was_not_yet_written) {
+    cr_assert_gt(wrong_count(launch_neighbour, want_neighbour), 0, "reading a neighbour's slot");
+    cr_assert_gt(wrong_count(launch_broadcast, want_broadcast), 0, "thread 0's broadcast");
 }
 
 Test(cuemu, shared_memory_over_48k_needs_the_attribute) {
