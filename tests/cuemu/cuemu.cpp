@@ -198,10 +198,7 @@ struct block_run {
     int nthreads, live, at_bar;
     std::vector<unsigned> waiting, done; // per warp: lanes waiting in a warp op; lanes that exited
     fctx sched;
-    char *stacks;
-    size_t stacks_len;
-    std::vector<float> smem;
-    size_t smem_bytes;
+    std::vector<float> smem; // dynamic shared memory, NaN at the block's start
 };
 
 thread_local const cuemu_ids *cuemu_cur;
@@ -430,7 +427,6 @@ static void run_block(const char *name, const std::function<void()> &body, dim3 
     b.live = n;
     b.at_bar = 0;
     b.smem.assign((smem + sizeof(float) - 1) / sizeof(float) + 1, NAN); // never written: NaN
-    b.smem_bytes = smem;
     b.f.resize((size_t)n);
     b.waiting.assign((size_t)(n + 31) / 32, 0u);
     b.done.assign((size_t)(n + 31) / 32, 0u);
